@@ -1,0 +1,51 @@
+"""sparse-dit: training-free sparse attention for diffusers video and image Diffusion Transformers.
+
+    import sparse_dit                        # adds the pipeline methods below
+    pipe.enable_sparse_attention("window")   # a method name or a config object
+    video = pipe(prompt, ...).frames
+    pipe.disable_sparse_attention()          # back to the exact dense model
+"""
+
+from .config import SparseAttentionConfig
+from .errors import (
+    ConfigError,
+    DiffusersCompatibilityError,
+    ShapeError,
+    SparseDiTError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from .functional import sparse_attention
+from .patterns import DenseConfig, WindowConfig, list_methods, resolve_config
+from .plan import AttentionPlan
+from .plugin import (
+    AttentionStats,
+    disable_sparse_attention,
+    enable_sparse_attention,
+    install_pipeline_methods,
+    sparse_attention_stats,
+)
+
+__version__ = "0.1.0"
+
+install_pipeline_methods()
+
+__all__ = [
+    "AttentionPlan",
+    "AttentionStats",
+    "ConfigError",
+    "DenseConfig",
+    "DiffusersCompatibilityError",
+    "ShapeError",
+    "SparseAttentionConfig",
+    "SparseDiTError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "WindowConfig",
+    "disable_sparse_attention",
+    "enable_sparse_attention",
+    "list_methods",
+    "resolve_config",
+    "sparse_attention",
+    "sparse_attention_stats",
+]

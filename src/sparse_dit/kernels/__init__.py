@@ -1,0 +1,64 @@
+"""Execute an `AttentionPlan`. Kernels know nothing of methods: they read the plan and compute.
+
+Backends: "reference" (torch, dense attention under the expanded mask; exact, for tests and small inputs).
+"auto" picks the fastest backend available for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError, ShapeError
+from ..plan import AttentionPlan
+from .reference import reference_attention
+
+BACKENDS = ("auto", "reference")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeError(f"q, k, v must be (B, S, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, s, h, d = q.shape
+    if k.shape[:2] != (b, s) or v.shape[:2] != (b, s) or k.shape[-1] != d:
+        raise ShapeError(
+            f"sparse attention is self-attention: k and v must be (B={b}, S={s}, H, D={d}); got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[2] != h:  # grouped-query attention: share each key head across its query heads
+        if h % k.shape[2] or v.shape[2] != k.shape[2]:
+            raise ShapeError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[2]}, {v.shape[2]})")
+        k, v = (x.repeat_interleave(h // x.shape[2], dim=2) for x in (k, v))
+    if plan.seq_len != s:
+        raise ShapeError(f"plan covers S={plan.seq_len} tokens but the inputs have S={s}; plan for this sequence")
+    pb, ph = plan.layout.shape[:2]
+    if pb not in (1, b) or ph not in (1, h):
+        raise ShapeError(f"plan is for (B, H)=({pb}, {ph}), which does not broadcast to the inputs' ({b}, {h})")
+    return k, v
+
+
+def run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    backend: str = "auto",
+    *,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Compute attention as `plan` prescribes.
+
+    Args:
+        q, k, v: (B, S, H, D) in fp32, fp16 or bf16; k and v may have fewer heads (grouped-query attention).
+        plan: the plan, its tensors broadcastable to (B, H).
+        backend: "auto" or "reference".
+        scale: softmax scale, default D ** -0.5.
+        attn_mask: optional model mask (bool, True = attend, or additive), broadcastable to (B, H, S, S).
+        return_lse: also return the log-sum-exp of the scaled scores, float32 (B, H, S).
+    Returns:
+        (B, S, H, D) in q's dtype, or (out, lse).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown kernel backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    k, v = _check_inputs(q, k, v, plan)
+    return reference_attention(q, k, v, plan, scale=scale, attn_mask=attn_mask, return_lse=return_lse)

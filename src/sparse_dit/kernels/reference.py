@@ -1,0 +1,95 @@
+"""The torch reference: dense attention under the plan's expanded token mask. Exact, O(S^2) memory; for tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..plan import HEAD_DENSE, HEAD_SKIP, AttentionPlan
+
+_QUANT_LEVELS = {"int8": 127.0, "int4": 7.0}
+
+
+def token_mask(plan: AttentionPlan, batch: int, heads: int) -> torch.Tensor:
+    """The plan's block layout expanded to tokens, in the plan's (permuted) order: bool (B, H, S, S)."""
+    s = plan.seq_len
+    nq, nk = plan.num_blocks
+    layout = plan.layout.expand(batch, heads, nq, nk)
+    q_idx = plan.token_block_index("q").expand(batch, heads, s)
+    k_idx = plan.token_block_index("k").expand(batch, heads, s)
+    rows = layout.gather(2, q_idx[..., None].expand(batch, heads, s, nk))
+    mask = rows.gather(3, k_idx[:, :, None, :].expand(batch, heads, s, s))
+    if plan.head_mode is not None:
+        dense = (plan.head_mode == HEAD_DENSE).expand(batch, heads)
+        mask = mask | dense[..., None, None]
+    return mask
+
+
+def _fake_quant(x: torch.Tensor, plan: AttentionPlan, axis: str) -> torch.Tensor:
+    """Round x (B, H, S, D) to the plan's integer grid with one scale per (batch, head, block)."""
+    levels = _QUANT_LEVELS[plan.quant]
+    idx = plan.token_block_index(axis).expand(*x.shape[:3])
+    nblocks = int(idx.max()) + 1
+    amax = torch.zeros(*x.shape[:2], nblocks, dtype=x.dtype, device=x.device)
+    amax = amax.scatter_reduce(2, idx, x.abs().amax(dim=-1), reduce="amax", include_self=True)
+    scale = (amax.clamp_min(1e-12) / levels).gather(2, idx)[..., None]
+    return torch.round(x / scale).clamp(-levels, levels) * scale
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    *,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention by masking dense attention.
+
+    Args:
+        q, k, v: (B, S, H, D), already checked against the plan by `kernels.run`.
+        attn_mask: optional mask from the model (bool, True = attend, or additive float), broadcastable to
+            (B, H, S, S), in the original token order.
+    Returns:
+        out (B, S, H, D) in q's dtype, and with `return_lse` the log-sum-exp of the scaled scores, float32 (B, H, S).
+    """
+    b, s, h, d = q.shape
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    mask = token_mask(plan, b, h)
+    user_mask = None if attn_mask is None else attn_mask.expand(b, h, s, s)
+    if plan.order is not None:
+        perm = plan.order.expand(b, h, s)
+        qh, kh, vh = (x.gather(2, perm[..., None].expand(b, h, s, d)) for x in (qh, kh, vh))
+        if user_mask is not None:
+            user_mask = user_mask.gather(2, perm[..., None].expand(b, h, s, s)).gather(3, perm[:, :, None, :].expand(b, h, s, s))
+    if user_mask is not None:
+        if user_mask.dtype == torch.bool:
+            mask = mask & user_mask
+        else:
+            mask = user_mask.masked_fill(~mask, float("-inf"))
+
+    if plan.quant == "none" and not return_lse:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        lse = None
+    else:
+        if plan.quant != "none":
+            qh, kh = _fake_quant(qh.float(), plan, "q"), _fake_quant(kh.float(), plan, "k")
+        scores = (qh.float() @ kh.float().transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
+        scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = (torch.exp(scores - lse[..., None]) @ vh.float()).to(q.dtype)
+
+    if plan.head_mode is not None:
+        skip = (plan.head_mode == HEAD_SKIP).expand(b, h)
+        out = out.masked_fill(skip[..., None, None], 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(skip[..., None], float("-inf"))
+    if plan.order is not None:
+        inverse = torch.argsort(plan.order.expand(b, h, s), dim=-1)
+        out = out.gather(2, inverse[..., None].expand(b, h, s, d))
+        if lse is not None:
+            lse = lse.gather(2, inverse)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out

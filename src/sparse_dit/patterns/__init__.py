@@ -1,0 +1,75 @@
+"""Sparse attention methods: one module per method, each a `Planner` that turns (q, k, context) into a plan."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import SparseAttentionConfig
+from ..errors import ConfigError, UnknownMethodError
+from .base import PlanContext, Planner, keep_text_and_diagonal, register_method, registered_methods
+from .dense import DenseConfig, DensePlanner
+from .window import WindowConfig, WindowPlanner
+
+DEFAULT_METHOD = "window"
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "DenseConfig",
+    "DensePlanner",
+    "PlanContext",
+    "Planner",
+    "WindowConfig",
+    "WindowPlanner",
+    "build_planner",
+    "keep_text_and_diagonal",
+    "list_methods",
+    "register_method",
+    "resolve_config",
+]
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method."""
+    return list(registered_methods())
+
+
+def _planner_class(name: str) -> type[Planner]:
+    methods = registered_methods()
+    if name not in methods:
+        raise UnknownMethodError(f"unknown sparse attention method {name!r}; valid methods: {', '.join(methods)}")
+    return methods[name]
+
+
+def resolve_config(spec: str | SparseAttentionConfig | os.PathLike | None = None, **overrides: Any) -> SparseAttentionConfig:
+    """Turn what a user passed into a validated config.
+
+    Args:
+        spec: a method name, a config object, or None for the default method (`window`).
+        **overrides: config fields to set, e.g. `dense_steps=0.3, block_size=128`.
+    """
+    if spec is None:
+        spec = DEFAULT_METHOD
+    if isinstance(spec, SparseAttentionConfig):
+        _planner_class(spec.method)
+        return spec.replace(**overrides) if overrides else spec
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith((".json", ".safetensors"))):
+        raise ConfigError(
+            f"{os.fspath(spec)!r} looks like a pattern file; pattern files come with `sparse-dit search` and are "
+            f"not supported yet. Pass a method name instead: {', '.join(list_methods())}"
+        )
+    if not isinstance(spec, str):
+        raise ConfigError(f"spec must be a method name, a config object or None, got {type(spec).__name__}")
+    config_cls = _planner_class(spec).config_cls
+    unknown = sorted(set(overrides) - set(config_cls.option_names()))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for method {spec!r}; valid options: {', '.join(config_cls.option_names())}")
+    try:
+        return config_cls(**overrides)
+    except TypeError as exc:  # a wrong type that dataclass construction itself rejects
+        raise ConfigError(f"invalid options for method {spec!r}: {exc}") from exc
+
+
+def build_planner(config: SparseAttentionConfig) -> Planner:
+    """A fresh planner for `config`."""
+    return _planner_class(config.method)(config)

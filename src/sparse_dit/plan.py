@@ -1,0 +1,124 @@
+"""`AttentionPlan`: what a method decides for one attention call, and the only thing kernels read.
+
+Methods *plan*, kernels *execute*: a plan holds, per batch row and head, an optional token order, block
+boundaries, the set of (query block, key block) pairs to compute, a per-head mode and the Q·K arithmetic.
+Leading dimensions of every tensor field are (B', H') with B' in {1, B} and H' in {1, H}, so a static plan
+shared by every batch row and head is stored once and broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import torch
+
+from .errors import ShapeError
+
+HEAD_DENSE = 0
+HEAD_SPARSE = 1
+HEAD_SKIP = 2  # Sparse-vDiT: a skipped head outputs zeros
+QUANT_MODES = ("none", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The sparse attention of one call.
+
+    Attributes:
+        seq_len: S, the number of tokens (text included) the plan covers.
+        layout: bool (B', H', nq, nk); True where query block i computes against key block j.
+        block_size: fixed block size in tokens for queries and keys (the last block may be short). Ignored
+            along an axis whose variable boundaries are given.
+        q_bounds: optional long (B', H', nq + 1), variable query-block boundaries in [0, S], starting at 0 and
+            ending at S (SVG2's cluster sizes).
+        k_bounds: optional long (B', H', nk + 1), the same for key blocks.
+        order: optional long (B', H', S), a permutation applied to queries, keys and values before the block
+            layout is read; the output is returned in the original order.
+        head_mode: optional int8 (B', H'): HEAD_DENSE, HEAD_SPARSE or HEAD_SKIP; None means every head sparse.
+        quant: Q·K arithmetic: "none", "int8" or "int4" (per-block scales); P·V stays in the input dtype.
+    """
+
+    seq_len: int
+    layout: torch.Tensor
+    block_size: int = 64
+    q_bounds: torch.Tensor | None = None
+    k_bounds: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    head_mode: torch.Tensor | None = None
+    quant: Literal["none", "int8", "int4"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.layout.dtype != torch.bool or self.layout.dim() != 4:
+            raise ShapeError(f"plan layout must be a bool (B, H, nq, nk) tensor, got {self.layout.dtype} {tuple(self.layout.shape)}")
+        if self.quant not in QUANT_MODES:
+            raise ShapeError(f"plan quant must be one of {QUANT_MODES}, got {self.quant!r}")
+        nq, nk = self.layout.shape[-2:]
+        for name, bounds, n in (("q_bounds", self.q_bounds, nq), ("k_bounds", self.k_bounds, nk)):
+            if bounds is None:
+                expected = -(-self.seq_len // self.block_size)
+                if n != expected:
+                    raise ShapeError(
+                        f"plan layout has {n} blocks along one axis but S={self.seq_len} in blocks of "
+                        f"{self.block_size} needs {expected}; pass {name} for variable blocks"
+                    )
+            elif bounds.shape[-1] != n + 1:
+                raise ShapeError(f"{name} must have nblocks + 1 = {n + 1} entries, got {bounds.shape[-1]}")
+        if self.order is not None and self.order.shape[-1] != self.seq_len:
+            raise ShapeError(f"plan order must have S={self.seq_len} entries, got {self.order.shape[-1]}")
+
+    @property
+    def num_blocks(self) -> tuple[int, int]:
+        """(nq, nk), the number of query and key blocks."""
+        return self.layout.shape[-2], self.layout.shape[-1]
+
+    def block_lengths(self, axis: Literal["q", "k"]) -> torch.Tensor:
+        """Token count of every block along `axis`: long (B', H', n) or (1, 1, n) for fixed blocks."""
+        bounds = self.q_bounds if axis == "q" else self.k_bounds
+        if bounds is not None:
+            return bounds.diff(dim=-1)
+        starts = torch.arange(0, self.seq_len, self.block_size, device=self.layout.device)
+        return (torch.clamp(starts + self.block_size, max=self.seq_len) - starts).view(1, 1, -1)
+
+    def token_block_index(self, axis: Literal["q", "k"]) -> torch.Tensor:
+        """Block index of every (permuted) token position along `axis`: long (B', H', S) or (1, 1, S)."""
+        bounds = self.q_bounds if axis == "q" else self.k_bounds
+        positions = torch.arange(self.seq_len, device=self.layout.device)
+        if bounds is None:
+            return (positions // self.block_size).view(1, 1, -1)
+        inner = bounds[..., 1:-1].contiguous()
+        return torch.searchsorted(inner, positions.expand(*inner.shape[:-1], -1).contiguous(), right=True)
+
+    def head_densities(self) -> torch.Tensor:
+        """Fraction of the S x S attention map computed, per (batch row, head): float (B', H')."""
+        lq = self.block_lengths("q").to(torch.float64)
+        lk = self.block_lengths("k").to(torch.float64)
+        computed = torch.einsum("bhqk,bhq,bhk->bh", self.layout.to(torch.float64), lq.expand(*self.layout.shape[:2], -1), lk.expand(*self.layout.shape[:2], -1))
+        density = computed / float(self.seq_len) ** 2
+        if self.head_mode is not None:
+            mode = self.head_mode.to(density.device)
+            density = torch.where(mode == HEAD_DENSE, torch.ones_like(density), density)
+            density = torch.where(mode == HEAD_SKIP, torch.zeros_like(density), density)
+        return density
+
+    @cached_property
+    def density(self) -> float:
+        """The fraction of the full attention map this plan computes, averaged over batch rows and heads."""
+        return float(self.head_densities().mean())
+
+    def check_rows(self) -> None:
+        """Raise if a sparse head has a query block with no key block (its softmax would be empty)."""
+        empty = ~self.layout.any(dim=-1)
+        if self.q_bounds is not None:
+            empty &= self.block_lengths("q") > 0  # zero-length padding blocks may be empty
+        if self.head_mode is not None:
+            empty &= (self.head_mode == HEAD_SPARSE).to(empty.device)[..., None]
+        if bool(empty.any()):
+            raise ShapeError("plan has a query block that attends no key block; every query block must keep one")
+
+    @classmethod
+    def full(cls, seq_len: int, block_size: int, device: torch.device | str | None = None) -> "AttentionPlan":
+        """A plan that computes every block: density 1.0."""
+        n = -(-seq_len // block_size)
+        return cls(seq_len=seq_len, layout=torch.ones(1, 1, n, n, dtype=torch.bool, device=device), block_size=block_size)

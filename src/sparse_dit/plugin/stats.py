@@ -1,0 +1,84 @@
+"""Per (step, layer) record of what the hooked attention computed."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class LayerStepStats:
+    """Calls of one self-attention layer at one denoising step.
+
+    Attributes:
+        calls: attention calls (a CFG pair counts two).
+        sparse_calls: calls that ran a plan (the rest stayed dense: warm-up, kept layer, short sequence).
+        density_sum: sum over calls of the fraction of the attention map computed (1.0 for dense calls).
+        grid: last (F, H, W) token grid seen; text_len: last number of text tokens seen.
+    """
+
+    calls: int = 0
+    sparse_calls: int = 0
+    density_sum: float = 0.0
+    grid: tuple[int, int, int] | None = None
+    text_len: int = 0
+
+    @property
+    def density(self) -> float:
+        """Mean computed fraction of the attention map over the calls."""
+        return self.density_sum / self.calls if self.calls else 1.0
+
+
+class AttentionStats:
+    """What the hooked self-attention computed during the last run, keyed by (step, layer).
+
+    `step` is None where the denoising step is unknown (a bare transformer called outside a pipeline loop).
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int | None, int], LayerStepStats] = {}
+
+    def record(self, step: int | None, layer: int, density: float, sparse: bool, grid: tuple[int, int, int], text_len: int) -> None:
+        """Add one call."""
+        entry = self.entries.setdefault((step, layer), LayerStepStats())
+        entry.calls += 1
+        entry.sparse_calls += int(sparse)
+        entry.density_sum += density
+        entry.grid, entry.text_len = grid, text_len
+
+    def clear(self) -> None:
+        """Forget every call."""
+        self.entries.clear()
+
+    def __getitem__(self, key: tuple[int | None, int]) -> LayerStepStats:
+        return self.entries[key]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def calls(self) -> int:
+        """Total attention calls."""
+        return sum(e.calls for e in self.entries.values())
+
+    def density(self, sparse_only: bool = False) -> float | None:
+        """Mean computed fraction over calls (all of them, or only those that ran a plan); None if none."""
+        if sparse_only:
+            calls = sum(e.sparse_calls for e in self.entries.values())
+            total = sum(e.density_sum - (e.calls - e.sparse_calls) for e in self.entries.values())
+        else:
+            calls = self.calls
+            total = sum(e.density_sum for e in self.entries.values())
+        return total / calls if calls else None
+
+    def as_records(self) -> list[dict]:
+        """One JSON-friendly dict per (step, layer), sorted, with the mean `density`."""
+        key = lambda item: (-1 if item[0][0] is None else item[0][0], item[0][1])  # noqa: E731
+        return [{"step": s, "layer": l, **asdict(e), "density": e.density} for (s, l), e in sorted(self.entries.items(), key=key)]
+
+    def snapshot(self) -> "AttentionStats":
+        """An independent copy."""
+        return copy.deepcopy(self)
+
+    def __repr__(self) -> str:
+        return f"AttentionStats(calls={self.calls}, entries={len(self)}, density={self.density()})"
