@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -107,6 +108,12 @@ class SparseAttentionRuntime:
         self.stats = AttentionStats()
         self.steps = StepTracker(pipeline)
         self.current: ForwardState | None = None
+        self.synchronize = False  # wait for CUDA around each call so `stats.seconds` is true wall time
+
+    def _now(self, device: torch.device) -> float:
+        if self.synchronize and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def begin_forward(self, grid: tuple[int, int, int], timestep: Any, context: Any) -> None:
         """Called by the root hook before every transformer forward."""
@@ -153,11 +160,12 @@ class SparseAttentionRuntime:
             grid=state.grid, text_len=text_len, text_position=site.text_position if text_len else "none",
             batch=b, heads=h, layer=site.layer, step=state.step, num_steps=state.num_steps, device=q.device,
         )
+        start = self._now(q.device)
         if self.engine.dense_reason(ctx) is not None:
             out, density, sparse = dense(), 1.0, False
         else:
             plan = self.engine.plan(q, k, ctx)
             out = kernels.run(q, k, v, plan, backend=self.config.backend, scale=scale, attn_mask=attn_mask)
             density, sparse = plan.density, True
-        self.stats.record(state.step, site.layer, density, sparse, state.grid, text_len)
+        self.stats.record(state.step, site.layer, density, sparse, self._now(q.device) - start, state.grid, text_len)
         return out

@@ -14,12 +14,15 @@ class LayerStepStats:
         calls: attention calls (a CFG pair counts two).
         sparse_calls: calls that ran a plan (the rest stayed dense: warm-up, kept layer, short sequence).
         density_sum: sum over calls of the fraction of the attention map computed (1.0 for dense calls).
+        seconds: wall time spent inside attention (on CUDA only meaningful with the runtime's
+            `synchronize` on).
         grid: last (F, H, W) token grid seen; text_len: last number of text tokens seen.
     """
 
     calls: int = 0
     sparse_calls: int = 0
     density_sum: float = 0.0
+    seconds: float = 0.0
     grid: tuple[int, int, int] | None = None
     text_len: int = 0
 
@@ -38,10 +41,13 @@ class AttentionStats:
     def __init__(self) -> None:
         self.entries: dict[tuple[int | None, int], LayerStepStats] = {}
 
-    def record(self, step: int | None, layer: int, density: float, sparse: bool, grid: tuple[int, int, int], text_len: int) -> None:
+    def record(
+        self, step: int | None, layer: int, density: float, sparse: bool, seconds: float, grid: tuple[int, int, int], text_len: int
+    ) -> None:
         """Add one call."""
         entry = self.entries.setdefault((step, layer), LayerStepStats())
         entry.calls += 1
+        entry.seconds += seconds
         entry.sparse_calls += int(sparse)
         entry.density_sum += density
         entry.grid, entry.text_len = grid, text_len
@@ -60,6 +66,11 @@ class AttentionStats:
     def calls(self) -> int:
         """Total attention calls."""
         return sum(e.calls for e in self.entries.values())
+
+    @property
+    def seconds(self) -> float:
+        """Total wall time inside attention."""
+        return sum(e.seconds for e in self.entries.values())
 
     def density(self, sparse_only: bool = False) -> float | None:
         """Mean computed fraction over calls (all of them, or only those that ran a plan); None if none."""
