@@ -82,6 +82,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sparse_dit.evals.bench_kernels import cases, format_table, run_case
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    todo = cases(args.seq, args.head_dim, args.density, args.block, args.backend, args.heads, args.dtype)
+    results = [run_case(case, device, args.reps, args.warmup) for case in tqdm(todo, desc="bench kernels")]
+    print(f"device {device}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.reps} after {args.warmup} warm-up")
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-dit", description="Sparse attention for diffusers DiT pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=int, default=128)
     demo.add_argument("--guidance-scale", type=float, default=5.0)
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    kern = bench.add_parser("kernels", help="dense SDPA vs the sparse path on random block layouts, in one run")
+    kern.add_argument("--seq", type=_csv(int), default=[8192, 16384, 32768], help="comma-separated sequence lengths")
+    kern.add_argument("--head-dim", type=_csv(int), default=[64])
+    kern.add_argument("--density", type=_csv(float), default=[0.1, 0.2, 0.3])
+    kern.add_argument("--block", type=_csv(int), default=[128])
+    kern.add_argument("--backend", type=_csv(str), default=["auto"], help="auto, flex, reference (comma-separated)")
+    kern.add_argument("--heads", type=int, default=2)
+    kern.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    kern.add_argument("--reps", type=int, default=5)
+    kern.add_argument("--warmup", type=int, default=2)
+    kern.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    kern.add_argument("--json", default=None, help="write one record per case to this file")
+    kern.set_defaults(func=cmd_bench_kernels)
 
     methods = sub.add_parser("methods", help="list the registered sparse attention methods and their options")
     methods.set_defaults(func=cmd_methods)

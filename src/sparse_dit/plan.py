@@ -8,7 +8,7 @@ shared by every batch row and head is stored once and broadcast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
@@ -38,6 +38,8 @@ class AttentionPlan:
             layout is read; the output is returned in the original order.
         head_mode: optional int8 (B', H'): HEAD_DENSE, HEAD_SPARSE or HEAD_SKIP; None means every head sparse.
         quant: Q·K arithmetic: "none", "int8" or "int4" (per-block scales); P·V stays in the input dtype.
+        cache: what kernels derive from the plan (block masks, indices), kept with it so a cached plan
+            is never converted twice.
     """
 
     seq_len: int
@@ -48,6 +50,8 @@ class AttentionPlan:
     order: torch.Tensor | None = None
     head_mode: torch.Tensor | None = None
     quant: Literal["none", "int8", "int4"] = "none"
+    # Backend-derived data (a FlexAttention BlockMask, a CSR index) built once per plan and device.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.layout.dtype != torch.bool or self.layout.dim() != 4:

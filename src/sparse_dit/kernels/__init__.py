@@ -1,7 +1,11 @@
 """Execute an `AttentionPlan`. Kernels know nothing of methods: they read the plan and compute.
 
-Backends: "reference" (torch, dense attention under the expanded mask; exact, for tests and small inputs).
-"auto" picks the fastest backend available for the tensors' device.
+Backends:
+- "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (the CPU fast path; also runs
+  on CUDA). Fixed blocks, no model mask; on CPU inference only and no LSE.
+- "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
+- "auto": "flex" where it applies and pays (fixed blocks, no model mask, S >= AUTO_FLEX_MIN_SEQ), else
+  "reference", which is also the fastest below that length, where compiling does not pay.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from ..plan import AttentionPlan
+from . import flex
 from .reference import reference_attention
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "flex", "reference")
+AUTO_FLEX_MIN_SEQ = 512
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +57,7 @@ def run(
     Args:
         q, k, v: (B, S, H, D) in fp32, fp16 or bf16; k and v may have fewer heads (grouped-query attention).
         plan: the plan, its tensors broadcastable to (B, H).
-        backend: "auto" or "reference".
+        backend: "auto", "flex" or "reference" (see the module docstring).
         scale: softmax scale, default D ** -0.5.
         attn_mask: optional model mask (bool, True = attend, or additive), broadcastable to (B, H, S, S).
         return_lse: also return the log-sum-exp of the scaled scores, float32 (B, H, S).
@@ -61,4 +67,14 @@ def run(
     if backend not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     k, v = _check_inputs(q, k, v, plan)
+    if backend == "auto":
+        fits = flex.supports(plan, q, attn_mask, return_lse)
+        backend = "flex" if fits and plan.seq_len >= AUTO_FLEX_MIN_SEQ else "reference"
+    if backend == "flex":
+        if not flex.supports(plan, q, attn_mask, return_lse):
+            raise ConfigError(
+                "backend 'flex' runs fixed-block plans without a model attention mask (on CPU: no gradient, no "
+                "LSE); use backend 'auto' or 'reference' for this call"
+            )
+        return flex.flex_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
     return reference_attention(q, k, v, plan, scale=scale, attn_mask=attn_mask, return_lse=return_lse)

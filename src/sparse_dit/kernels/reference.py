@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..plan import HEAD_DENSE, HEAD_SKIP, AttentionPlan
+from ..plan import HEAD_DENSE, AttentionPlan
+from .layout import finish, permute
 
 _QUANT_LEVELS = {"int8": 127.0, "int4": 7.0}
 
@@ -25,7 +26,7 @@ def token_mask(plan: AttentionPlan, batch: int, heads: int) -> torch.Tensor:
     return mask
 
 
-def _fake_quant(x: torch.Tensor, plan: AttentionPlan, axis: str) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, plan: AttentionPlan, axis: str) -> torch.Tensor:
     """Round x (B, H, S, D) to the plan's integer grid with one scale per (batch, head, block)."""
     levels = _QUANT_LEVELS[plan.quant]
     idx = plan.token_block_index(axis).expand(*x.shape[:3])
@@ -58,38 +59,25 @@ def reference_attention(
     b, s, h, d = q.shape
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     mask = token_mask(plan, b, h)
-    user_mask = None if attn_mask is None else attn_mask.expand(b, h, s, s)
-    if plan.order is not None:
-        perm = plan.order.expand(b, h, s)
-        qh, kh, vh = (x.gather(2, perm[..., None].expand(b, h, s, d)) for x in (qh, kh, vh))
-        if user_mask is not None:
+    qh, kh, vh = permute(plan, qh, kh, vh)
+    if attn_mask is not None:
+        user_mask = attn_mask.expand(b, h, s, s)
+        if plan.order is not None:  # the model's mask is in the original order
+            perm = plan.order.to(q.device).expand(b, h, s)
             user_mask = user_mask.gather(2, perm[..., None].expand(b, h, s, s)).gather(3, perm[:, :, None, :].expand(b, h, s, s))
-    if user_mask is not None:
-        if user_mask.dtype == torch.bool:
-            mask = mask & user_mask
-        else:
-            mask = user_mask.masked_fill(~mask, float("-inf"))
+        mask = mask & user_mask if user_mask.dtype == torch.bool else user_mask.masked_fill(~mask, float("-inf"))
 
     if plan.quant == "none" and not return_lse:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
         lse = None
     else:
         if plan.quant != "none":
-            qh, kh = _fake_quant(qh.float(), plan, "q"), _fake_quant(kh.float(), plan, "k")
+            qh, kh = fake_quant(qh.float(), plan, "q"), fake_quant(kh.float(), plan, "k")
         scores = (qh.float() @ kh.float().transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
         scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         out = (torch.exp(scores - lse[..., None]) @ vh.float()).to(q.dtype)
 
-    if plan.head_mode is not None:
-        skip = (plan.head_mode == HEAD_SKIP).expand(b, h)
-        out = out.masked_fill(skip[..., None, None], 0.0)
-        if lse is not None:
-            lse = lse.masked_fill(skip[..., None], float("-inf"))
-    if plan.order is not None:
-        inverse = torch.argsort(plan.order.expand(b, h, s), dim=-1)
-        out = out.gather(2, inverse[..., None].expand(b, h, s, d))
-        if lse is not None:
-            lse = lse.gather(2, inverse)
+    out, lse = finish(plan, out, lse)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -1,0 +1,101 @@
+"""`sparse-dit bench kernels`: dense SDPA against the sparse path, timed in one run, on random block layouts."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels import flex
+from ..plan import AttentionPlan
+from .timing import median_seconds
+
+
+@dataclass
+class KernelCase:
+    """One benchmark case and its result (times in milliseconds)."""
+
+    seq: int
+    head_dim: int
+    heads: int
+    density: float
+    block: int
+    backend: str
+    dtype: str
+    dense_ms: float = float("nan")
+    sparse_ms: float = float("nan")
+    speedup: float = float("nan")
+    actual_density: float = float("nan")
+    bookkeeping_ms: float = float("nan")  # plan-to-kernel conversion once cached: run() minus the bare kernel
+    tflops: float | None = None  # over the computed blocks, on GPU
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_plan(seq: int, heads: int, block: int, density: float, generator: torch.Generator) -> AttentionPlan:
+    """A plan keeping the same number of key blocks in every query row (the diagonal plus random others)."""
+    n = -(-seq // block)
+    per_row = max(1, min(n, round(density * n)))
+    scores = torch.rand(1, heads, n, n, generator=generator)
+    scores[..., torch.arange(n), torch.arange(n)] = 2.0  # the diagonal always wins
+    keep = scores.topk(per_row, dim=-1).indices
+    layout = torch.zeros(1, heads, n, n, dtype=torch.bool).scatter_(-1, keep, True)
+    return AttentionPlan(seq_len=seq, layout=layout, block_size=block)
+
+
+def bare_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, backend: str):
+    """The kernel call alone, its inputs laid out and its block structure built beforehand (None if unknown)."""
+    if backend == "flex":
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        mask, fn = flex.block_mask(plan, q.device), flex.compiled_flex_attention()
+        return lambda: fn(qh, kh, vh, block_mask=mask)
+    return None
+
+
+def run_case(case: KernelCase, device: str, reps: int, warmup: int, seed: int = 0) -> KernelCase:
+    """Time dense SDPA and the sparse path on the same inputs, in this order, in one process."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    q, k, v = (torch.randn(1, case.seq, case.heads, case.head_dim, generator=gen).to(device, dtype) for _ in range(3))
+    plan = random_plan(case.seq, case.heads, case.block, case.density, gen)
+    plan = AttentionPlan(seq_len=plan.seq_len, layout=plan.layout.to(device), block_size=plan.block_size)
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    with torch.inference_mode():
+        dense_s = median_seconds(lambda: F.scaled_dot_product_attention(qh, kh, vh), reps, warmup, device)
+        sparse_s = median_seconds(lambda: kernels.run(q, k, v, plan, backend=case.backend), reps, warmup, device)
+        bare = bare_kernel(q, k, v, plan, case.backend)
+        bare_s = median_seconds(bare, reps, warmup, device) if bare is not None else float("nan")
+    case.dense_ms, case.sparse_ms = dense_s * 1e3, sparse_s * 1e3
+    case.speedup = dense_s / sparse_s
+    case.actual_density = plan.density
+    case.bookkeeping_ms = (sparse_s - bare_s) * 1e3
+    if torch.device(device).type == "cuda":
+        flops = 4 * case.seq**2 * case.head_dim * case.heads * plan.density
+        case.tflops = flops / sparse_s / 1e12
+    return case
+
+
+def cases(seqs, head_dims, densities, blocks, backends, heads: int, dtype: str) -> list[KernelCase]:
+    """The cross product of the requested settings."""
+    return [
+        KernelCase(seq=s, head_dim=d, heads=heads, density=p, block=b, backend=be, dtype=dtype)
+        for s, d, p, b, be in itertools.product(seqs, head_dims, densities, blocks, backends)
+    ]
+
+
+def format_table(results: list[KernelCase]) -> str:
+    """A plain-text table of the results."""
+    gpu = any(r.tflops is not None for r in results)
+    head = f"{'seq':>6} {'D':>4} {'H':>3} {'block':>5} {'backend':>9} {'density':>7} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'bookkeep':>8}"
+    head += f" {'TFLOP/s':>8}" if gpu else ""
+    lines = [head, "-" * len(head)]
+    for r in results:
+        line = (f"{r.seq:>6} {r.head_dim:>4} {r.heads:>3} {r.block:>5} {r.backend:>9} {r.actual_density:>7.3f} "
+                f"{r.dense_ms:>9.1f} {r.sparse_ms:>9.1f} {r.speedup:>6.2f}x {100 * r.bookkeeping_ms / r.sparse_ms:>7.1f}%")
+        line += f" {r.tflops:>8.1f}" if gpu else ""
+        lines.append(line)
+    return "\n".join(lines)
