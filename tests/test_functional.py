@@ -88,3 +88,19 @@ def test_shapes_that_do_not_fit_raise():
         PlanContext(grid=(1, 2, 2), text_len=3, text_position="none")
     with pytest.raises(ShapeError, match="grid"):
         PlanContext(grid=(0, 2, 2))
+
+
+def test_random_control_follows_the_density_table():
+    from sparse_dit.patterns import RandomConfig, RandomPlanner
+
+    planner = RandomPlanner(RandomConfig(block_size=16, density_table=((2, 1, (0.125, 0.5)),)))
+    ctx = PlanContext(grid=(4, 16, 16), heads=2, step=2, layer=1)
+    plan = planner.plan(None, None, ctx)
+    assert plan.head_densities()[0].tolist() == pytest.approx([0.125, 0.5])
+    assert torch.equal(plan.layout, planner.plan(None, None, ctx).layout)  # reproducible
+    other = planner.plan(None, None, PlanContext(grid=(4, 16, 16), heads=2, step=3, layer=1))
+    assert other.head_densities()[0].tolist() == pytest.approx([0.2, 0.2], abs=0.01)  # no entry: `density`
+    q, k, v = qkv(1, 1024)
+    out = sparse_attention(q, k, v, method="random", grid=(4, 16, 16), density=0.25, block_size=64, min_seq_len=0,
+                           backend="reference")
+    assert out.shape == q.shape and torch.isfinite(out).all()

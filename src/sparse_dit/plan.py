@@ -111,6 +111,13 @@ class AttentionPlan:
         """The fraction of the full attention map this plan computes, averaged over batch rows and heads."""
         return float(self.head_densities().mean())
 
+    def mean_head_densities(self, heads: int) -> list[float]:
+        """Computed fraction per head, averaged over batch rows, broadcast to `heads` heads (cached)."""
+        key = ("mean_head_densities", heads)
+        if key not in self.cache:
+            self.cache[key] = self.head_densities().mean(dim=0).expand(heads).tolist()
+        return self.cache[key]
+
     def check_rows(self) -> None:
         """Raise if a sparse head has a query block with no key block (its softmax would be empty)."""
         empty = ~self.layout.any(dim=-1)

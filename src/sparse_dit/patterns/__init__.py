@@ -9,6 +9,7 @@ from ..config import SparseAttentionConfig
 from ..errors import ConfigError, UnknownMethodError
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method, registered_methods
 from .dense import DenseConfig, DensePlanner
+from .random import RandomConfig, RandomPlanner
 from .window import WindowConfig, WindowPlanner
 
 DEFAULT_METHOD = "window"
@@ -19,6 +20,8 @@ __all__ = [
     "DensePlanner",
     "PlanContext",
     "Planner",
+    "RandomConfig",
+    "RandomPlanner",
     "WindowConfig",
     "WindowPlanner",
     "build_planner",

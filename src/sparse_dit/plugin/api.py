@@ -124,7 +124,8 @@ def disable_sparse_attention(target: Any) -> None:
         target.__dict__.pop(_RUNTIME_ATTR, None)
 
 
-def _runtime(target: Any) -> SparseAttentionRuntime:
+def runtime_of(target: Any) -> SparseAttentionRuntime:
+    """The runtime `enable_sparse_attention` attached to `target`; raises if not enabled."""
     runtime = getattr(target, _RUNTIME_ATTR, None)
     if runtime is None:
         raise SparseDiTError("sparse attention is not enabled here; call enable_sparse_attention first")
@@ -133,7 +134,7 @@ def _runtime(target: Any) -> SparseAttentionRuntime:
 
 def sparse_attention_stats(target: Any) -> AttentionStats:
     """A copy of what the hooked attention computed in the last run: density and call counts per (step, layer)."""
-    return _runtime(target).stats.snapshot()
+    return runtime_of(target).stats.snapshot()
 
 
 def sparse_attention_config(target: Any) -> SparseAttentionConfig | None:

@@ -162,10 +162,10 @@ class SparseAttentionRuntime:
         )
         start = self._now(q.device)
         if self.engine.dense_reason(ctx) is not None:
-            out, density, sparse = dense(), 1.0, False
+            out, heads, sparse = dense(), [1.0] * h, False
         else:
             plan = self.engine.plan(q, k, ctx)
             out = kernels.run(q, k, v, plan, backend=self.config.backend, scale=scale, attn_mask=attn_mask)
-            density, sparse = plan.density, True
-        self.stats.record(state.step, site.layer, density, sparse, self._now(q.device) - start, state.grid, text_len)
+            heads, sparse = plan.mean_head_densities(h), True
+        self.stats.record(state.step, site.layer, heads, sparse, self._now(q.device) - start, state.grid, text_len)
         return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -14,6 +14,7 @@ class LayerStepStats:
         calls: attention calls (a CFG pair counts two).
         sparse_calls: calls that ran a plan (the rest stayed dense: warm-up, kept layer, short sequence).
         density_sum: sum over calls of the fraction of the attention map computed (1.0 for dense calls).
+        head_density_sum: per head, the sum over calls of its computed fraction (dense calls: 1.0).
         seconds: wall time spent inside attention (on CUDA only meaningful with the runtime's
             `synchronize` on).
         grid: last (F, H, W) token grid seen; text_len: last number of text tokens seen.
@@ -23,6 +24,7 @@ class LayerStepStats:
     sparse_calls: int = 0
     density_sum: float = 0.0
     seconds: float = 0.0
+    head_density_sum: list[float] = field(default_factory=list)
     grid: tuple[int, int, int] | None = None
     text_len: int = 0
 
@@ -30,6 +32,11 @@ class LayerStepStats:
     def density(self) -> float:
         """Mean computed fraction of the attention map over the calls."""
         return self.density_sum / self.calls if self.calls else 1.0
+
+    @property
+    def head_densities(self) -> list[float]:
+        """Mean computed fraction per head over the calls."""
+        return [d / self.calls for d in self.head_density_sum]
 
 
 class AttentionStats:
@@ -42,10 +49,15 @@ class AttentionStats:
         self.entries: dict[tuple[int | None, int], LayerStepStats] = {}
 
     def record(
-        self, step: int | None, layer: int, density: float, sparse: bool, seconds: float, grid: tuple[int, int, int], text_len: int
+        self, step: int | None, layer: int, head_densities: list[float], sparse: bool, seconds: float,
+        grid: tuple[int, int, int], text_len: int,
     ) -> None:
-        """Add one call."""
+        """Add one call, given the computed fraction of each head (averaged over the batch)."""
         entry = self.entries.setdefault((step, layer), LayerStepStats())
+        if len(entry.head_density_sum) != len(head_densities):
+            entry.head_density_sum = [0.0] * len(head_densities)
+        entry.head_density_sum = [a + b for a, b in zip(entry.head_density_sum, head_densities)]
+        density = sum(head_densities) / len(head_densities)
         entry.calls += 1
         entry.seconds += seconds
         entry.sparse_calls += int(sparse)
@@ -85,7 +97,7 @@ class AttentionStats:
     def as_records(self) -> list[dict]:
         """One JSON-friendly dict per (step, layer), sorted, with the mean `density`."""
         key = lambda item: (-1 if item[0][0] is None else item[0][0], item[0][1])  # noqa: E731
-        return [{"step": s, "layer": l, **asdict(e), "density": e.density} for (s, l), e in sorted(self.entries.items(), key=key)]
+        return [{"step": s, "layer": l, **asdict(e), "density": e.density, "head_densities": e.head_densities} for (s, l), e in sorted(self.entries.items(), key=key)]
 
     def snapshot(self) -> "AttentionStats":
         """An independent copy."""

@@ -1,0 +1,1 @@
+"""The embedded demo: procedurally generated captioned clips of moving shapes, and their scorer."""

@@ -1,0 +1,172 @@
+"""Procedural clips of coloured shapes moving as their caption says, deterministic by seed.
+
+"a red circle moving left", "a blue square moving up right and a yellow triangle staying still": 6 colours,
+3 shapes, 9 motions (4 axes, 4 diagonals, resting), one or two objects over a low-saturation gradient.
+A fixed set of (colour, shape, motion) combinations is held out of training for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import ConfigError
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.92, 0.12, 0.12),
+    "green": (0.12, 0.78, 0.22),
+    "blue": (0.15, 0.30, 0.95),
+    "yellow": (0.95, 0.88, 0.10),
+    "magenta": (0.90, 0.12, 0.88),
+    "cyan": (0.10, 0.88, 0.90),
+}
+SHAPES = ("circle", "square", "triangle")
+# Direction in image coordinates (x right, y down); diagonals are unit length too.
+MOTIONS: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "up": (0.0, -1.0),
+    "down": (0.0, 1.0),
+    "up left": (-math.sqrt(0.5), -math.sqrt(0.5)),
+    "up right": (math.sqrt(0.5), -math.sqrt(0.5)),
+    "down left": (-math.sqrt(0.5), math.sqrt(0.5)),
+    "down right": (math.sqrt(0.5), math.sqrt(0.5)),
+    "still": (0.0, 0.0),
+}
+VOCABULARY = ("a", "and", "moving", "staying", *COLOURS, *SHAPES, "left", "right", "up", "down", "still")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One object of a clip."""
+
+    colour: str
+    shape: str
+    motion: str
+
+    @property
+    def caption(self) -> str:
+        verb = "staying" if self.motion == "still" else "moving"
+        return f"a {self.colour} {self.shape} {verb} {self.motion}"
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What a clip shows: one or two objects."""
+
+    objects: tuple[ShapeSpec, ...]
+
+    @property
+    def caption(self) -> str:
+        return " and ".join(o.caption for o in self.objects)
+
+
+def _index(combo: ShapeSpec) -> int:
+    return list(COLOURS).index(combo.colour) + 2 * SHAPES.index(combo.shape) + list(MOTIONS).index(combo.motion)
+
+
+def is_held_out(obj: ShapeSpec) -> bool:
+    """Whether this (colour, shape, motion) never appears in training: 18 of the 162, spread over every factor."""
+    return _index(obj) % 9 == 0
+
+
+def parse_caption(text: str) -> ClipSpec:
+    """The clip a caption describes; raises `ConfigError` listing the vocabulary for words it does not know."""
+    words = text.lower().replace(",", " ").split()
+    unknown = sorted({w for w in words if w not in VOCABULARY})
+    if unknown:
+        raise ConfigError(f"unknown caption word(s) {unknown}; the demo model knows: {' '.join(VOCABULARY)}")
+    objects, parts, current = [], [], []
+    for word in words + ["and"]:
+        if word == "and":
+            parts.append(current)
+            current = []
+        else:
+            current.append(word)
+    for part in parts:
+        if len(part) < 4 or part[0] != "a" or part[1] not in COLOURS or part[2] not in SHAPES or part[3] not in ("moving", "staying"):
+            raise ConfigError(
+                f"cannot read {' '.join(part)!r}: captions read 'a <colour> <shape> moving <direction>' or "
+                f"'a <colour> <shape> staying still', joined by 'and'; colours {list(COLOURS)}, shapes {list(SHAPES)}, "
+                f"directions {[m for m in MOTIONS if m != 'still']}"
+            )
+        motion = " ".join(part[4:])
+        if motion not in MOTIONS or (part[3] == "staying") != (motion == "still"):
+            raise ConfigError(f"unknown motion {' '.join(part[3:])!r}; use 'moving' with {list(MOTIONS)[:-1]} or 'staying still'")
+        objects.append(ShapeSpec(part[1], part[2], motion))
+    if not 1 <= len(objects) <= 2:
+        raise ConfigError("a caption describes one or two objects")
+    return ClipSpec(tuple(objects))
+
+
+def sample_spec(generator: torch.Generator, held_out: bool = False, two_objects_p: float = 0.25) -> ClipSpec:
+    """A random clip spec from the training combinations (or only held-out ones with `held_out=True`)."""
+
+    def draw() -> ShapeSpec:
+        while True:
+            pick = lambda options: options[int(torch.randint(len(options), (1,), generator=generator))]  # noqa: E731
+            obj = ShapeSpec(pick(list(COLOURS)), pick(list(SHAPES)), pick(list(MOTIONS)))
+            if is_held_out(obj) == held_out:
+                return obj
+
+    first = draw()
+    if float(torch.rand(1, generator=generator)) < two_objects_p:
+        second = draw()
+        if second.colour != first.colour:
+            return ClipSpec((first, second))
+    return ClipSpec((first,))
+
+
+def _background(h: int, w: int, generator: torch.Generator) -> torch.Tensor:
+    """A low-saturation two-tone linear gradient in a random direction: (3, H, W)."""
+    angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
+    base = 0.35 + 0.3 * torch.rand(2, 1, generator=generator)  # two grey levels
+    tint = 0.08 * (torch.rand(2, 3, generator=generator) - 0.5)  # slight colour, far from the shape colours
+    tones = (base + tint).clamp(0, 1)  # (2, 3)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    mix = ((math.cos(angle) * xs + math.sin(angle) * ys) / math.sqrt(2) + 1) / 2
+    return tones[0].view(3, 1, 1) * (1 - mix) + tones[1].view(3, 1, 1) * mix
+
+
+def _coverage(shape: str, xs: torch.Tensor, ys: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: float) -> torch.Tensor:
+    """Anti-aliased (one-pixel soft edge) coverage in [0, 1] of a shape of size r centred at (cx, cy).
+
+    xs, ys: (H, W) pixel coordinates; cx, cy: (T, 1, 1) centres per frame. Returns (T, H, W).
+    """
+    dx, dy = xs - cx, ys - cy
+    if shape == "circle":
+        dist = torch.sqrt(dx**2 + dy**2) - r
+    elif shape == "square":
+        dist = torch.maximum(dx.abs(), dy.abs()) - 0.85 * r
+    else:  # an upward triangle: the max of three half-plane distances
+        s = math.sqrt(3) / 2
+        dist = torch.maximum(torch.maximum(dy - 0.5 * r, -s * dx - 0.5 * dy - 0.5 * r), s * dx - 0.5 * dy - 0.5 * r) * 1.2
+    return (0.5 - dist).clamp(0, 1)
+
+
+def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """Render a clip: (T, 3, H, W) float in [0, 1].
+
+    Objects have a size of 12-16% of the shorter side and travel about 45% of it over the clip, starting
+    where they stay inside the frame.
+    """
+    side = min(height, width)
+    video = _background(height, width, generator).expand(frames, 3, height, width).clone()
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    for obj in spec.objects:
+        r = side * (0.12 + 0.04 * float(torch.rand(1, generator=generator)))
+        travel = side * (0.40 + 0.10 * float(torch.rand(1, generator=generator)))
+        vx, vy = (travel * c for c in MOTIONS[obj.motion])
+        margin = r + 1
+        # Start so that the whole path stays inside the frame.
+        lo_x, hi_x = margin + max(0.0, -vx), width - margin - max(0.0, vx)
+        lo_y, hi_y = margin + max(0.0, -vy), height - margin - max(0.0, vy)
+        x0 = lo_x + (hi_x - lo_x) * float(torch.rand(1, generator=generator))
+        y0 = lo_y + (hi_y - lo_y) * float(torch.rand(1, generator=generator))
+        colour = torch.tensor(COLOURS[obj.colour]).view(1, 3, 1, 1)
+        f = torch.linspace(0, 1, frames).view(frames, 1, 1)
+        alpha = _coverage(obj.shape, xs, ys, x0 + vx * f, y0 + vy * f, r)[:, None]
+        video = video * (1 - alpha) + colour * alpha
+    return video
