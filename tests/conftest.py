@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# pytest-xdist runs two workers on two cores: one thread each, or they oversubscribe the machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

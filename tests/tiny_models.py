@@ -11,6 +11,10 @@ Two entry points:
 * :func:`make_pipeline` / :func:`make_wan22_pipeline` build a whole text-to-video / text-to-image
   pipeline (tiny text encoders, code-built tokenizers, tiny VAEs) plus call kwargs that run three
   denoising steps with classifier-free guidance switched on.
+
+Timing note: these models are so small that CPU thread oversubscription dominates on a busy machine
+(a pipeline run measured ~0.2-0.4 s with ``torch.set_num_threads(1)`` but 1-4 s with 2 threads
+under load), so test sessions should call ``torch.set_num_threads(1)``.
 """
 
 from __future__ import annotations
@@ -19,20 +23,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.normalizers import Lowercase
-from tokenizers.pre_tokenizers import Whitespace
-from tokenizers.processors import TemplateProcessing
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     LlamaConfig,
     LlamaModel,
     PreTrainedTokenizerFast,
-    T5Config,
     T5EncoderModel,
-    UMT5Config,
     UMT5EncoderModel,
 )
 
@@ -61,6 +58,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+from sparse_dit.pipelines.random_wan import tiny_t5_config, word_tokenizer
 
 __all__ = [
     "TinyTransformerCase",
@@ -148,54 +147,18 @@ def _generator(seed: int = SEED) -> torch.Generator:
 
 
 def make_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer built in code (no files, no sentencepiece).
+    """A word-level fast tokenizer built in code (no files, no sentencepiece); every id is below 100.
 
-    Ids: ``<pad>`` = 0, ``</s>`` = 1 (appended to every sequence), ``<unk>`` = 2, ``<s>`` = 3,
-    then a small fixed English vocabulary (lower-cased, split on whitespace/punctuation); every
-    id is below 100, so it fits any tiny text encoder with ``vocab_size >= 100``.
     Use ``model_max_length=77`` for CLIP tokenizer slots (Flux, HunyuanVideo ``tokenizer_2``).
     """
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
-    for word in _WORDS:
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = Lowercase()
-    tok.pre_tokenizer = Whitespace()
-    tok.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        model_max_length=model_max_length,
-        padding_side="right",
-    )
-
-
-def _t5_kwargs() -> dict:
-    return dict(
-        vocab_size=1000,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    return word_tokenizer(_WORDS, model_max_length=model_max_length)
 
 
 def make_tiny_t5(umt5: bool = False) -> torch.nn.Module:
     """Tiny T5 (or UMT5, for Wan) encoder: d_model 32, 2 layers, 4 heads, vocab 1000; eval(), seeded."""
     _seeded()
-    if umt5:
-        return UMT5EncoderModel(UMT5Config(**_t5_kwargs())).eval()
-    return T5EncoderModel(T5Config(**_t5_kwargs())).eval()
+    config = tiny_t5_config(umt5=umt5)
+    return (UMT5EncoderModel if umt5 else T5EncoderModel)(config).eval()
 
 
 def _tiny_clip(hidden_size: int) -> CLIPTextModel:
@@ -299,7 +262,11 @@ def _hunyuan_video(batch, frames, height, width) -> TinyTransformerCase:
 
 
 def _hunyuan_video15(batch, frames, height, width) -> TinyTransformerCase:
-    """HunyuanVideo-1.5 (t2v): patch 1; joint [video | image(3) + byT5(5) + MLLM(6) tokens]."""
+    """HunyuanVideo-1.5 (t2v): patch 1; joint [video | byT5(5), MLLM(6), image(3)] (text suffix of 14).
+
+    The model reorders text as [valid image, valid byT5, valid MLLM, invalid ...]; in t2v (all-zero
+    image_embeds) the 3 image tokens are invalid, so they are the last 3 positions and masked out.
+    """
     f, h, w = _sizes(frames, height, width, (3, 4, 6))
     n_mllm, n_byt5, n_image = 6, 5, 3
     model = _build(
@@ -355,10 +322,11 @@ def _cogvideox15(batch, frames, height, width) -> TinyTransformerCase:
         use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False, patch_bias=False,
     )
     grid = (math.ceil(f / p_t), h // p, w // p)
-    # Same RoPE the CogVideoX pipeline builds for 1.5 models (_prepare_rotary_positional_embeddings).
+    # The RoPE the CogVideoX pipeline builds for 1.5 models (_prepare_rotary_positional_embeddings);
+    # "slice" takes positions 0..n-1 of a max_size table, so max_size = grid gives the same values.
     image_rotary_emb = get_3d_rotary_pos_embed(
         embed_dim=head_dim, crops_coords=None, grid_size=(grid[1], grid[2]), temporal_size=grid[0],
-        grid_type="slice", max_size=(8 // p, 12 // p),
+        grid_type="slice", max_size=(grid[1], grid[2]),
     )
     g = _generator()
     kwargs = dict(
@@ -531,6 +499,7 @@ def _wan_transformer() -> WanTransformer3DModel:
 
 
 def _wan_vae() -> AutoencoderKLWan:
+    # 8x spatial / 4x temporal like the real Wan 2.1 VAE (tests rely on 64x96 -> grid (3, 4, 6)).
     return _build(
         AutoencoderKLWan, base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
         temperal_downsample=[False, True, True],
@@ -547,7 +516,7 @@ def _wan_call_kwargs() -> dict:
 
 
 def _wan_pipeline() -> tuple[DiffusionPipeline, dict]:
-    """WanPipeline (Wan 2.1 T2V). Output frames (1, 9, 3, 64, 96); transformer grid (3, 4, 6)."""
+    """WanPipeline (Wan 2.1 T2V, true CFG). Output frames (1, 9, 3, 64, 96); transformer grid (3, 4, 6)."""
     pipe = WanPipeline(
         tokenizer=make_tokenizer(), text_encoder=make_tiny_t5(umt5=True), vae=_wan_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=_wan_transformer(),
@@ -558,9 +527,10 @@ def _wan_pipeline() -> tuple[DiffusionPipeline, dict]:
 def make_wan22_pipeline() -> tuple[DiffusionPipeline, dict]:
     """WanPipeline with two experts (Wan 2.2 A14B style): ``transformer`` (high noise) and ``transformer_2``.
 
-    With shift 5 and 3 steps the timesteps are ~[1000, 909, 714]; ``boundary_ratio=0.8`` sends the
-    first two steps to ``transformer`` and the last one to ``transformer_2``. The two experts are
-    built from different seeds (0 and 1) so their outputs differ.
+    With shift 5 and 3 steps the timesteps are ~[1000, 835, 24]; ``boundary_ratio=0.8`` (boundary
+    t = 800) sends the first two steps to ``transformer`` and the last one to ``transformer_2`` (with 4
+    steps both experts run as well). The experts are built from different seeds (0 and 1), so their
+    outputs differ. Same sizes and output shape as ``make_pipeline("wan")``.
     """
     transformer = _wan_transformer()
     torch.manual_seed(1)
@@ -605,7 +575,10 @@ def _hunyuan_video_pipeline() -> tuple[DiffusionPipeline, dict]:
 
 
 def _cogvideox_pipeline() -> tuple[DiffusionPipeline, dict]:
-    """CogVideoXPipeline (T5, DDIM, cond+uncond batched). Output (1, 9, 3, 64, 96); grid (3, 4, 6)."""
+    """CogVideoXPipeline (T5, DDIM, cond+uncond batched). Output (1, 9, 3, 32, 48); grid (3, 4, 6).
+
+    The VAE has 3 blocks (4x spatial, 4x temporal) instead of 4, which makes decoding ~4x cheaper.
+    """
     text_len = 16
     transformer = _build(
         CogVideoXTransformer3DModel,
@@ -615,8 +588,8 @@ def _cogvideox_pipeline() -> tuple[DiffusionPipeline, dict]:
     )
     vae = _build(
         AutoencoderKLCogVideoX,
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
         layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
     )
     pipe = CogVideoXPipeline(
@@ -624,7 +597,7 @@ def _cogvideox_pipeline() -> tuple[DiffusionPipeline, dict]:
         scheduler=CogVideoXDDIMScheduler(),
     )
     kwargs = dict(
-        prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, height=64, width=96, num_frames=9,
+        prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, height=32, width=48, num_frames=9,
         num_inference_steps=3, guidance_scale=6.0, max_sequence_length=text_len, output_type="pt",
         generator=_generator(),
     )
@@ -658,7 +631,10 @@ def _flux_pipeline() -> tuple[DiffusionPipeline, dict]:
 
 
 def _ltx_pipeline() -> tuple[DiffusionPipeline, dict]:
-    """LTXPipeline (T5, cond+uncond batched). Output (1, 9, 3, 16, 24); grid (3, 4, 6)."""
+    """LTXPipeline (T5, cond+uncond batched; VAE 8x spatial / 8x temporal). Output (1, 9, 3, 32, 64); grid (2, 4, 8).
+
+    LTXPipeline requires height and width divisible by 32.
+    """
     transformer = _build(
         LTXVideoTransformer3DModel,
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
@@ -667,7 +643,7 @@ def _ltx_pipeline() -> tuple[DiffusionPipeline, dict]:
     vae = _build(
         AutoencoderKLLTXVideo,
         latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        spatio_temporal_scaling=(True, True, True, False), decoder_spatio_temporal_scaling=(True, True, True, False),
         layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1), patch_size=1, patch_size_t=1,
         encoder_causal=True, decoder_causal=False,
     )
@@ -678,7 +654,7 @@ def _ltx_pipeline() -> tuple[DiffusionPipeline, dict]:
         tokenizer=make_tokenizer(), transformer=transformer,
     )
     kwargs = dict(
-        prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, height=16, width=24, num_frames=9,
+        prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, height=32, width=64, num_frames=9,
         num_inference_steps=3, guidance_scale=3.0, max_sequence_length=16, output_type="pt",
         generator=_generator(),
     )
