@@ -103,6 +103,54 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_configs(items: list[str]) -> dict[str, dict]:
+    """METHOD.KEY=VALUE strings -> {method: {key: value}}; values are JSON where they parse, else strings."""
+    configs: dict[str, dict] = {}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--config expects METHOD.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        configs.setdefault(method, {})[key] = tuple(value) if isinstance(value, list) else value
+    return configs
+
+
+def load_pipeline(name: str):
+    """`demo` or a local diffusers folder / cached hub id (never downloaded). Returns (pipeline, description)."""
+    if name == "demo":
+        from sparse_dit.pipelines.random_wan import random_wan_pipeline
+
+        return random_wan_pipeline(), "random-weight tiny Wan (the trained demo model is not shipped yet)"
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(name, local_files_only=True), name
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sparse_dit.evals.report import markdown, write_reports
+    from sparse_dit.evals.runner import DEFAULT_PROMPTS, EvalSettings, Evaluation
+
+    pipe, description = load_pipeline(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()] if args.prompts else list(DEFAULT_PROMPTS)
+    call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+    call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    settings = EvalSettings(
+        out=Path(args.out), methods=args.methods, configs=_parse_configs(args.config), prompts=prompts,
+        seeds=args.seeds, call_kwargs=call, reps=args.reps, warmup=args.warmup,
+    )
+    records = Evaluation(pipe, settings, description).run()
+    title = f"sparse-dit evaluation: {description}"
+    md, page = write_reports(records, settings.out, title)
+    print(markdown(records, title))
+    print(f"wrote {settings.out / 'results.json'}, {md}, {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-dit", description="Sparse attention for diffusers DiT pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     kern.add_argument("--json", default=None, help="write one record per case to this file")
     kern.set_defaults(func=cmd_bench_kernels)
+
+    ev = sub.add_parser("eval", help="score methods against dense on the same prompts and seeds; writes a report")
+    ev.add_argument("--pipeline", default="demo", help="demo, or a local diffusers pipeline folder / cached id")
+    ev.add_argument("--methods", type=_csv(str), default=["dense", "window", "random"],
+                    help="comma-separated; dense is the baseline and every method is paired with the random control")
+    ev.add_argument("--config", action="append", default=[], help="METHOD.KEY=VALUE (JSON value), repeatable")
+    ev.add_argument("--prompts", default=None, help="a text file with one prompt per line")
+    ev.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    ev.add_argument("--num-frames", type=int, default=None)
+    ev.add_argument("--height", type=int, default=None)
+    ev.add_argument("--width", type=int, default=None)
+    ev.add_argument("--steps", type=int, default=10)
+    ev.add_argument("--guidance-scale", type=float, default=5.0)
+    ev.add_argument("--reps", type=int, default=1, help="timed repetitions per video (median)")
+    ev.add_argument("--warmup", type=int, default=1, help="untimed generations per method before timing")
+    ev.add_argument("--out", required=True, help="output folder; rerunning skips finished items")
+    ev.set_defaults(func=cmd_eval)
 
     methods = sub.add_parser("methods", help="list the registered sparse attention methods and their options")
     methods.set_defaults(func=cmd_methods)

@@ -1,0 +1,187 @@
+"""`sparse-dit eval`: the same prompts and seeds generated dense and with each method, scored and timed.
+
+Dense is the baseline: the original attention, timed through the same hooks (every step kept dense) so
+attention time is measured the same way for every method. Every sparse method is paired with `random` at
+its measured density per (step, layer, head): the control it must beat. Finished items are skipped when
+the command is run again on the same output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..patterns import resolve_config
+from ..plugin import disable_sparse_attention, enable_sparse_attention, sparse_attention_stats
+from ..plugin.api import runtime_of
+from . import metrics
+from .video import side_by_side, write_video
+
+DEFAULT_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right")
+BASELINE = "dense"
+CONTROL = "random"
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and where to write it."""
+
+    out: Path
+    methods: list[str]
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    seeds: int = 1
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # num_frames, height, width, num_inference_steps, ...
+    reps: int = 1
+    warmup: int = 1
+
+
+def _frames(output: Any) -> torch.Tensor:
+    """The first video of a pipeline output as (T, C, H, W) float in [0, 1]."""
+    video = output.frames if hasattr(output, "frames") else output.images
+    video = torch.as_tensor(video[0]).float().cpu()
+    if video.dim() == 3:  # an image pipeline
+        video = video[None]
+    if video.shape[-1] in (1, 3) and video.shape[1] not in (1, 3):
+        video = video.permute(0, 3, 1, 2)
+    return video
+
+
+class Evaluation:
+    """Runs the items of one evaluation and keeps `results.json` up to date after each."""
+
+    def __init__(self, pipe: Any, settings: EvalSettings, label: str) -> None:
+        self.pipe, self.settings, self.label = pipe, settings, label
+        self.out = Path(settings.out)
+        (self.out / "videos").mkdir(parents=True, exist_ok=True)
+        self.results_path = self.out / "results.json"
+        self.records: list[dict] = json.loads(self.results_path.read_text()) if self.results_path.exists() else []
+        self._warm: set[str] = set()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _find(self, method: str, prompt: str, seed: int, paired_with: str | None = None) -> dict | None:
+        for r in self.records:
+            if (r["method"], r["prompt"], r["seed"], r.get("paired_with")) == (method, prompt, seed, paired_with):
+                return r
+        return None
+
+    def _add(self, record: dict) -> dict:
+        self.records.append(record)
+        self._save()
+        return record
+
+    def _save(self) -> None:
+        self.results_path.write_text(json.dumps(self.records, indent=1, default=float))
+
+    def _video_path(self, name: str, prompt_idx: int, seed: int) -> Path:
+        return self.out / "videos" / f"{name}_p{prompt_idx}_s{seed}"
+
+    # -- generation --------------------------------------------------------------------------------
+    def _generate(self, prompt: str, seed: int) -> torch.Tensor:
+        kwargs = {**self.settings.call_kwargs, "prompt": prompt, "generator": torch.Generator().manual_seed(seed)}
+        kwargs.setdefault("output_type", "pt")
+        with torch.inference_mode():
+            return _frames(self.pipe(**kwargs))
+
+    def _timed(self, key: str, prompt: str, seed: int) -> tuple[torch.Tensor, float, Any]:
+        """Generate with the hooks in place: warm-up once per key, then the median of `reps` runs."""
+        runtime = runtime_of(self.pipe)
+        runtime.synchronize = True
+        if key not in self._warm:
+            for _ in range(self.settings.warmup):
+                self._generate(prompt, seed)
+            self._warm.add(key)
+        times, attention = [], []
+        for _ in range(self.settings.reps):
+            start = time.perf_counter()
+            video = self._generate(prompt, seed)
+            times.append(time.perf_counter() - start)
+            attention.append(sparse_attention_stats(self.pipe).seconds)
+        return video, statistics.median(times), (sparse_attention_stats(self.pipe), statistics.median(attention))
+
+    def _run(self, name: str, config, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
+        enable_sparse_attention(self.pipe, config)
+        try:
+            video, total_s, (stats, attention_s) = self._timed(name, prompt, seed)
+        finally:
+            disable_sparse_attention(self.pipe)
+        steps = sorted({s for s, _ in stats.entries if s is not None})
+        layers = sorted({l for _, l in stats.entries})
+        density_map = [[stats.entries[(s, l)].density if (s, l) in stats.entries else None for l in layers] for s in steps]
+        table = [[s, l, e.head_densities] for (s, l), e in stats.entries.items() if s is not None]
+        record = {
+            "density": stats.density(sparse_only=True) if stats.density(sparse_only=True) is not None else 1.0,
+            "density_all_steps": stats.density(),
+            "attention_s": attention_s,
+            "total_s": total_s,
+            "density_map": density_map,
+            "density_table": table,
+        }
+        return video, record
+
+    # -- the evaluation ----------------------------------------------------------------------------
+    def dense(self, prompt_idx: int, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
+        path = self._video_path(BASELINE, prompt_idx, seed).with_suffix(".safetensors")
+        record = self._find(BASELINE, prompt, seed)
+        if record is not None and path.exists():
+            return load_file(path)["video"], record
+        # Every step dense: the model's own attention, timed by the same hooks as the sparse runs.
+        video, record = self._run(BASELINE, resolve_config("dense", dense_steps=1.0), prompt, seed)
+        record.pop("density_table")
+        record.update(method=BASELINE, paired_with=None, prompt=prompt, seed=seed, speedup=1.0, attention_speedup=1.0,
+                      **metrics.reference_scores(video, video), **metrics.vbench_scores(video))
+        save_file({"video": video.contiguous()}, path)
+        return video, self._add(record)
+
+    def method(self, name: str, config, prompt_idx: int, prompt: str, seed: int, dense_video: torch.Tensor,
+               dense_record: dict, paired_with: str | None = None) -> dict:
+        video, record = self._run(name if paired_with is None else f"{name}~{paired_with}", config, prompt, seed)
+        tag = name if paired_with is None else f"{name}-{paired_with}"
+        base = self._video_path(tag, prompt_idx, seed)
+        write_video(side_by_side(dense_video, video), base.with_suffix(".gif"))
+        record.update(
+            method=name, paired_with=paired_with, prompt=prompt, seed=seed, config=config.to_dict(),
+            speedup=dense_record["total_s"] / record["total_s"],
+            attention_speedup=dense_record["attention_s"] / max(record["attention_s"], 1e-12),
+            video=str(base.with_suffix(".gif").relative_to(self.out)),
+            **metrics.reference_scores(video, dense_video), **metrics.vbench_scores(video),
+        )
+        return record
+
+    def run(self) -> list[dict]:
+        """Evaluate every (prompt, seed) with every method and its random control."""
+        methods = [m for m in dict.fromkeys(self.settings.methods) if m not in (BASELINE, CONTROL)]
+        items = [(i, p, s) for i, p in enumerate(self.settings.prompts) for s in range(self.settings.seeds)]
+        todo = [(i, p, s, m) for i, p, s in items for m in methods]
+        bar = tqdm(total=len(items) + 2 * len(todo), desc="eval", unit="video")
+        for i, prompt, seed in items:
+            dense_video, dense_record = self.dense(i, prompt, seed)
+            bar.update(1)
+            for name in methods:
+                config = resolve_config(name, **self.settings.configs.get(name, {}))
+                record = self._find(name, prompt, seed)
+                if record is None:
+                    record = self._add(self.method(name, config, i, prompt, seed, dense_video, dense_record))
+                bar.update(1)
+                if self._find(CONTROL, prompt, seed, paired_with=name) is None:
+                    table = tuple((s, l, tuple(d)) for s, l, d in record["density_table"])
+                    control = resolve_config(
+                        CONTROL, density_table=table, block_size=config.block_size, dense_steps=config.dense_steps,
+                        dense_layers=config.dense_layers, min_seq_len=config.min_seq_len, seed=seed,
+                        **self.settings.configs.get(CONTROL, {}),
+                    )
+                    paired = self.method(CONTROL, control, i, prompt, seed, dense_video, dense_record, paired_with=name)
+                    paired.pop("density_table")
+                    paired["config"].pop("density_table")
+                    self._add(paired)
+                bar.update(1)
+        bar.close()
+        return self.records
