@@ -1,11 +1,14 @@
 """Execute an `AttentionPlan`. Kernels know nothing of methods: they read the plan and compute.
 
 Backends:
+- "triton": the block-sparse Triton kernels on CUDA (`kernels.triton`): any plan, fp16/bf16, head dim 64
+  or 128, no model mask, forward only.
 - "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (the CPU fast path; also runs
   on CUDA). Fixed blocks, no model mask; on CPU inference only and no LSE.
 - "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
-- "auto": "flex" where it applies and pays (fixed blocks, no model mask, S >= AUTO_FLEX_MIN_SEQ), else
-  "reference", which is also the fastest below that length, where compiling does not pay.
+- "auto": "triton" for CUDA tensors it supports; else "flex" where it applies and pays (fixed blocks, no
+  model mask, S >= AUTO_FLEX_MIN_SEQ), else "reference", which is also the fastest below that length,
+  where compiling does not pay.
 """
 
 from __future__ import annotations
@@ -17,8 +20,17 @@ from ..plan import AttentionPlan
 from . import flex
 from .reference import reference_attention
 
-BACKENDS = ("auto", "flex", "reference")
+BACKENDS = ("auto", "triton", "flex", "reference")
 AUTO_FLEX_MIN_SEQ = 512
+
+
+def _triton_supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
+    """Whether the Triton backend can run the call; it is imported on first use (that builds its kernels)."""
+    try:
+        from .triton import supports
+    except ImportError:  # triton is not installed
+        return False
+    return supports(plan, q, attn_mask, return_lse)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +69,7 @@ def run(
     Args:
         q, k, v: (B, S, H, D) in fp32, fp16 or bf16; k and v may have fewer heads (grouped-query attention).
         plan: the plan, its tensors broadcastable to (B, H).
-        backend: "auto", "flex" or "reference" (see the module docstring).
+        backend: "auto", "triton", "flex" or "reference" (see the module docstring).
         scale: softmax scale, default D ** -0.5.
         attn_mask: optional model mask (bool, True = attend, or additive), broadcastable to (B, H, S, S).
         return_lse: also return the log-sum-exp of the scaled scores, float32 (B, H, S).
@@ -67,9 +79,20 @@ def run(
     if backend not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     k, v = _check_inputs(q, k, v, plan)
+    if backend == "auto" and q.is_cuda and _triton_supports(plan, q, attn_mask, return_lse):
+        backend = "triton"
     if backend == "auto":
         fits = flex.supports(plan, q, attn_mask, return_lse)
         backend = "flex" if fits and plan.seq_len >= AUTO_FLEX_MIN_SEQ else "reference"
+    if backend == "triton":
+        if not _triton_supports(plan, q, attn_mask, return_lse):
+            raise ConfigError(
+                "backend 'triton' needs triton installed and CUDA fp16/bf16 tensors with head dim 64 or 128, no model "
+                "attention mask and no gradient; use backend 'auto' for this call"
+            )
+        from .triton import triton_attention
+
+        return triton_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
     if backend == "flex":
         if not flex.supports(plan, q, attn_mask, return_lse):
             raise ConfigError(
