@@ -13,7 +13,7 @@ from sparse_dit.evals.report import PLOT_COLOUR, TABLE_HEAD_COLOUR
 ARGS = ["eval", "--methods", "dense,window,random", "--config", "window.window=[1,3,3]", "--config", "window.block_size=16",
         "--config", "window.min_seq_len=0", "--config", "window.dense_steps=1", "--num-frames", "9", "--height", "64",
         "--width", "96", "--steps", "3", "--seeds", "2", "--warmup", "0"]
-FIELDS = {"method", "prompt", "seed", "density", "psnr", "ssim", "lpips", "attention_s", "total_s", "speedup",
+FIELDS = {"method", "prompt", "seed", "density", "psnr", "ssim", "lpips", "attention_s", "attention_ms_per_call", "total_s", "speedup",
           "temporal_flickering", "motion_smoothness", "subject_consistency", "background_consistency",
           "dynamic_degree", "imaging_quality", "density_map"}
 

@@ -1,4 +1,4 @@
-"""The CPU fast path (compiled FlexAttention) against the reference, and the kernel benchmark's output."""
+"""The CPU paths (gathered SDPA, compiled FlexAttention) against the reference, and the kernel benchmark."""
 
 import json
 
@@ -24,6 +24,29 @@ def per_head_plan(**fields):
     layout = torch.rand(B, H, N, N) < 0.4
     layout |= torch.eye(N, dtype=torch.bool)
     return AttentionPlan(seq_len=S, layout=layout, block_size=BLOCK, **fields)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_matches_reference_with_order_and_head_modes(dtype):
+    q, k, v = inputs(dtype)
+    order = torch.stack([torch.randperm(S) for _ in range(B * H)]).view(B, H, S)
+    modes = torch.tensor([[HEAD_DENSE, HEAD_SPARSE, HEAD_SKIP], [HEAD_SPARSE, HEAD_SPARSE, HEAD_DENSE]], dtype=torch.int8)
+    plan = per_head_plan(order=order, head_mode=modes)  # rows keep different numbers of blocks: several groups
+    with torch.inference_mode():
+        out = kernels.run(q, k, v, plan, backend="gather")
+        expected = kernels.run(q.float(), k.float(), v.float(), plan, backend="reference")
+    torch.testing.assert_close(out.float(), expected, atol=TOL[dtype], rtol=TOL[dtype])
+    full = AttentionPlan(seq_len=S, layout=torch.ones(1, 1, N, N, dtype=torch.bool), block_size=BLOCK)
+    dense = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    torch.testing.assert_close(kernels.run(q, k, v, full, backend="gather").float(), dense, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_auto_picks_gather_on_cpu_from_512_tokens():
+    q, k, v = (torch.randn(1, 640, 2, 16) for _ in range(3))
+    plan = AttentionPlan(seq_len=640, layout=torch.eye(10, dtype=torch.bool)[None, None], block_size=64)
+    with torch.inference_mode():
+        kernels.run(q, k, v, plan)
+    assert any(key[0] == "gather_groups" for key in plan.cache)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,6 +80,8 @@ def test_flex_refuses_what_it_cannot_run_exactly():
         kernels.run(q, k, v, plan, backend="flex", attn_mask=torch.ones(B, 1, 1, S, dtype=torch.bool))
     with pytest.raises(ConfigError, match="LSE"):
         kernels.run(q, k, v, plan, backend="flex", return_lse=True)
+    with pytest.raises(ConfigError, match="reference"):
+        kernels.run(q, k, v, plan, backend="gather", return_lse=True)
     # auto picks a path that can: the reference, exactly.
     out = kernels.run(q, k, v, plan, backend="auto", return_lse=True)[0]
     torch.testing.assert_close(out, kernels.run(q, k, v, plan, backend="reference"))

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--head-dim", type=_csv(int), default=[64])
     kern.add_argument("--density", type=_csv(float), default=[0.1, 0.2, 0.3])
     kern.add_argument("--block", type=_csv(int), default=[128])
-    kern.add_argument("--backend", type=_csv(str), default=["auto"], help="auto, flex, reference (comma-separated)")
+    kern.add_argument("--backend", type=_csv(str), default=["auto"], help="auto, gather, flex, triton, reference (comma-separated)")
     kern.add_argument("--heads", type=int, default=2)
     kern.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     kern.add_argument("--reps", type=int, default=5)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels import flex
+from ..kernels import flex, gather
 from ..plan import AttentionPlan
 from .timing import median_seconds
 
@@ -49,6 +49,9 @@ def random_plan(seq: int, heads: int, block: int, density: float, generator: tor
 
 def bare_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, backend: str):
     """The kernel call alone, its inputs laid out and its block structure built beforehand (None if unknown)."""
+    if backend == "gather" or (backend == "auto" and q.device.type == "cpu"):
+        blocks, found = gather.block_rows(plan, q, k, v), gather.groups(plan, 1, q.shape[2], q.device)
+        return lambda: gather.attend_blocks(*blocks, found, None)
     if backend == "flex":
         qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         mask, fn = flex.block_mask(plan, q.device), flex.compiled_flex_attention()

@@ -121,6 +121,8 @@ class Evaluation:
             "density": stats.density(sparse_only=True) if stats.density(sparse_only=True) is not None else 1.0,
             "density_all_steps": stats.density(),
             "attention_s": attention_s,
+            "attention_calls": stats.calls,
+            "attention_ms_per_call": 1e3 * attention_s / max(stats.calls, 1),
             "total_s": total_s,
             "density_map": density_map,
             "density_table": table,

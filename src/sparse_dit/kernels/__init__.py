@@ -3,12 +3,14 @@
 Backends:
 - "triton": the block-sparse Triton kernels on CUDA (`kernels.triton`): any plan, fp16/bf16, head dim 64
   or 128, no model mask, forward only.
-- "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (the CPU fast path; also runs
-  on CUDA). Fixed blocks, no model mask; on CPU inference only and no LSE.
+- "gather": the CPU fast path: each query block's kept key blocks gathered and run through the CPU flash
+  SDPA kernel, query blocks grouped by their key count (`kernels.gather`). Fixed blocks, no model mask, no
+  LSE, no gradient; no compilation.
+- "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (runs on CPU and CUDA; slower
+  than "gather" on CPU, see docs/benchmarks.md). Fixed blocks, no model mask; on CPU no LSE, no gradient.
 - "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
-- "auto": "triton" for CUDA tensors it supports; else "flex" where it applies and pays (fixed blocks, no
-  model mask, S >= AUTO_FLEX_MIN_SEQ), else "reference", which is also the fastest below that length,
-  where compiling does not pay.
+- "auto": on CUDA "triton" where it applies, else "flex"; on CPU "gather" where it applies; below
+  AUTO_MIN_SEQ tokens, and for what no fast path runs (variable blocks on CPU, model masks, LSE), "reference".
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import torch
 
 from ..errors import ConfigError, ShapeError
 from ..plan import AttentionPlan
-from . import flex
+from . import flex, gather
 from .reference import reference_attention
 
-BACKENDS = ("auto", "triton", "flex", "reference")
-AUTO_FLEX_MIN_SEQ = 512
+BACKENDS = ("auto", "triton", "gather", "flex", "reference")
+AUTO_MIN_SEQ = 512  # below it the reference is as fast and exact
 
 
 def _triton_supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
@@ -69,7 +71,7 @@ def run(
     Args:
         q, k, v: (B, S, H, D) in fp32, fp16 or bf16; k and v may have fewer heads (grouped-query attention).
         plan: the plan, its tensors broadcastable to (B, H).
-        backend: "auto", "triton", "flex" or "reference" (see the module docstring).
+        backend: "auto", "triton", "gather", "flex" or "reference" (see the module docstring).
         scale: softmax scale, default D ** -0.5.
         attn_mask: optional model mask (bool, True = attend, or additive), broadcastable to (B, H, S, S).
         return_lse: also return the log-sum-exp of the scaled scores, float32 (B, H, S).
@@ -82,8 +84,16 @@ def run(
     if backend == "auto" and q.is_cuda and _triton_supports(plan, q, attn_mask, return_lse):
         backend = "triton"
     if backend == "auto":
-        fits = flex.supports(plan, q, attn_mask, return_lse)
-        backend = "flex" if fits and plan.seq_len >= AUTO_FLEX_MIN_SEQ else "reference"
+        fast = flex if q.is_cuda else gather
+        fits = fast.supports(plan, q, attn_mask, return_lse) and plan.seq_len >= AUTO_MIN_SEQ
+        backend = ("flex" if q.is_cuda else "gather") if fits else "reference"
+    if backend == "gather":
+        if not gather.supports(plan, q, attn_mask, return_lse):
+            raise ConfigError(
+                "backend 'gather' runs fixed-block plans without a model attention mask, LSE or gradient; use "
+                "backend 'auto' or 'reference' for this call"
+            )
+        return gather.gather_attention(q, k, v, plan, scale=scale)
     if backend == "triton":
         if not _triton_supports(plan, q, attn_mask, return_lse):
             raise ConfigError(
