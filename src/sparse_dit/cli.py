@@ -24,6 +24,7 @@ def _generate(pipe, seed: int, args: argparse.Namespace) -> tuple[torch.Tensor, 
 def cmd_demo(args: argparse.Namespace) -> int:
     import sparse_dit
     from sparse_dit.evals.metrics import psnr
+    from sparse_dit.plugin.api import runtime_of
     from sparse_dit.evals.video import side_by_side, write_video
     from sparse_dit.pipelines.random_wan import random_wan_pipeline
 
@@ -33,11 +34,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(desc="denoising")
     options = json.loads(args.options) if args.options else {}
     options.setdefault("min_seq_len", 0)
-    options.setdefault("block_size", 32)
+    options.setdefault("block_size", 64)
 
     # Dense, timed through the same hooks (every step dense) so attention time is measured the same way.
     sparse_dit.enable_sparse_attention(pipe, args.method, **{**options, "dense_steps": 1.0})
-    pipe.transformer._sparse_dit_runtime.synchronize = True
+    runtime_of(pipe).synchronize = True
     _generate(pipe, args.seed, args)  # warm-up
     dense, dense_s = _generate(pipe, args.seed, args)
     dense_stats = pipe.sparse_attention_stats()
@@ -143,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out=Path(args.out), methods=args.methods, configs=_parse_configs(args.config), prompts=prompts,
         seeds=args.seeds, call_kwargs=call, reps=args.reps, warmup=args.warmup,
     )
-    records = Evaluation(pipe, settings, description).run()
+    records = Evaluation(pipe, settings).run()
     title = f"sparse-dit evaluation: {description}"
     md, page = write_reports(records, settings.out, title)
     print(markdown(records, title))
@@ -157,14 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate a clip dense and sparse from the same seed and compare them")
     demo.add_argument("--method", default="window", help="sparse method (see `sparse-dit methods`)")
-    demo.add_argument("--options", default='{"window": [3, 5, 5]}', help="method options as JSON")
+    demo.add_argument("--options", default='{"window": [3, 7, 7]}', help="method options as JSON")
     demo.add_argument("--prompt", default="a red circle moving left")
     demo.add_argument("--out", default="outputs/demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, default=10)
     demo.add_argument("--num-frames", type=int, default=17)
-    demo.add_argument("--height", type=int, default=128)
-    demo.add_argument("--width", type=int, default=128)
+    demo.add_argument("--height", type=int, default=256)
+    demo.add_argument("--width", type=int, default=256)
     demo.add_argument("--guidance-scale", type=float, default=5.0)
     demo.set_defaults(func=cmd_demo)
 

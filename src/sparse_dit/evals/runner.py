@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..patterns import resolve_config
-from ..plugin import disable_sparse_attention, enable_sparse_attention, sparse_attention_stats
+from ..plugin import AttentionStats, disable_sparse_attention, enable_sparse_attention, sparse_attention_stats
 from ..plugin.api import runtime_of
 from . import metrics
 from .video import side_by_side, write_video
@@ -58,8 +58,8 @@ def _frames(output: Any) -> torch.Tensor:
 class Evaluation:
     """Runs the items of one evaluation and keeps `results.json` up to date after each."""
 
-    def __init__(self, pipe: Any, settings: EvalSettings, label: str) -> None:
-        self.pipe, self.settings, self.label = pipe, settings, label
+    def __init__(self, pipe: Any, settings: EvalSettings) -> None:
+        self.pipe, self.settings = pipe, settings
         self.out = Path(settings.out)
         (self.out / "videos").mkdir(parents=True, exist_ok=True)
         self.results_path = self.out / "results.json"
@@ -91,8 +91,11 @@ class Evaluation:
         with torch.inference_mode():
             return _frames(self.pipe(**kwargs))
 
-    def _timed(self, key: str, prompt: str, seed: int) -> tuple[torch.Tensor, float, Any]:
-        """Generate with the hooks in place: warm-up once per key, then the median of `reps` runs."""
+    def _timed(self, key: str, prompt: str, seed: int) -> tuple[torch.Tensor, float, AttentionStats, float]:
+        """Generate with the hooks in place: warm-up once per key, then the median of `reps` runs.
+
+        Returns the video, the median end-to-end seconds, the last run's stats and the median attention seconds.
+        """
         runtime = runtime_of(self.pipe)
         runtime.synchronize = True
         if key not in self._warm:
@@ -105,12 +108,12 @@ class Evaluation:
             video = self._generate(prompt, seed)
             times.append(time.perf_counter() - start)
             attention.append(sparse_attention_stats(self.pipe).seconds)
-        return video, statistics.median(times), (sparse_attention_stats(self.pipe), statistics.median(attention))
+        return video, statistics.median(times), sparse_attention_stats(self.pipe), statistics.median(attention)
 
     def _run(self, name: str, config, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
         enable_sparse_attention(self.pipe, config)
         try:
-            video, total_s, (stats, attention_s) = self._timed(name, prompt, seed)
+            video, total_s, stats, attention_s = self._timed(name, prompt, seed)
         finally:
             disable_sparse_attention(self.pipe)
         steps = sorted({s for s, _ in stats.entries if s is not None})

@@ -1,4 +1,4 @@
-"""The CPU fast path: compiled FlexAttention over a BlockMask built from the plan.
+"""Compiled FlexAttention over a BlockMask built from the plan (CPU and CUDA; on CPU `gather` is faster).
 
 Every kept block is passed as a *full* block, so no mask function runs inside the kernel; inductor's C++
 FlexAttention template then really skips the dropped blocks. The BlockMask is built once per plan and kept

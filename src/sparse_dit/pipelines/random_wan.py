@@ -53,7 +53,7 @@ DEMO_WORDS = "a an the and of in on with red green blue yellow circle square tri
 def random_wan_pipeline(num_layers: int = 2, heads: int = 4, head_dim: int = 16, seed: int = 0):
     """A `WanPipeline` with random weights: UMT5 text encoder, Wan VAE and transformer, all tiny.
 
-    At 17 frames of 128x128 pixels the transformer sees a (5, 8, 8) token grid (320 tokens).
+    At 17 frames of 256x256 pixels the transformer sees a (5, 16, 16) token grid (1280 tokens).
     """
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5EncoderModel
