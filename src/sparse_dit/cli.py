@@ -152,6 +152,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from sparse_dit.pipelines.demo.train import Stage, train_demo
+
+    stages = [Stage.parse(s) for s in args.stages.split(",")]
+    summary = train_demo(Path(args.out), stages, seed=args.seed, lr=args.lr)
+    print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
+          f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-dit", description="Sparse attention for diffusers DiT pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--warmup", type=int, default=1, help="untimed generations per method before timing")
     ev.add_argument("--out", required=True, help="output folder; rerunning skips finished items")
     ev.set_defaults(func=cmd_eval)
+
+    train = sub.add_parser("train-demo", help="train the demo model from scratch on procedural clips (CPU)")
+    train.add_argument("--out", required=True, help="folder to save the pipeline to (save_pretrained)")
+    train.add_argument("--stages", default="16x32:8:2000,16x64:2:300",
+                       help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.set_defaults(func=cmd_train_demo)
 
     methods = sub.add_parser("methods", help="list the registered sparse attention methods and their options")
     methods.set_defaults(func=cmd_methods)

@@ -1,0 +1,134 @@
+"""`ShapesVideoPipeline`: the embedded demo model, a diffusers `DiffusionPipeline` over `WanTransformer3DModel`.
+
+Pixel space (no VAE): a clip of F frames of H x W pixels is the transformer's (3, F, H, W) input, patched
+(1, 4, 4), so the default 16 x 64 x 64 clip is 16 x 16 x 16 = 4096 video tokens. Text is a tiny T5 encoder
+over a word-level tokenizer of the caption vocabulary, both built in code and saved with the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.utils import BaseOutput
+
+from ...errors import ConfigError
+from ..random_wan import tiny_t5_config, word_tokenizer
+from .clips import VOCABULARY, parse_caption
+
+MAX_TOKENS = 12  # "a red circle moving up left and a blue square staying still" is 12 words
+PATCH = (1, 4, 4)
+
+
+@dataclass
+class ShapesVideoPipelineOutput(BaseOutput):
+    """frames: (B, F, 3, H, W) tensor in [0, 1] for output_type "pt", (B, F, H, W, 3) array for "np"."""
+
+    frames: torch.Tensor | np.ndarray
+
+
+def build_components(heads: int = 4, head_dim: int = 32, layers: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Untrained components of the demo pipeline."""
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = tiny_t5_config()
+    config.num_layers, config.vocab_size = 1, len(VOCABULARY) + 4
+    text_encoder = T5EncoderModel(config).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3,
+        text_dim=config.d_model, freq_dim=256, ffn_dim=4 * heads * head_dim, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+    )
+    return {
+        "tokenizer": word_tokenizer(VOCABULARY, model_max_length=MAX_TOKENS),
+        "text_encoder": text_encoder,
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=2.0),
+    }
+
+
+class ShapesVideoPipeline(DiffusionPipeline):
+    """Text-to-video for captions like "a red circle moving left", with diffusers' calling conventions."""
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, tokenizer, text_encoder, transformer: WanTransformer3DModel, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Caption embeddings (B, MAX_TOKENS, d); an empty caption is the unconditional one."""
+        for prompt in prompts:
+            if prompt:
+                parse_caption(prompt)  # unknown words raise, listing the vocabulary
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.text_encoder.device)
+        mask = tokens.attention_mask.to(ids.device)
+        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
+        return hidden * mask[..., None]  # padding contributes nothing, as in Wan's zero-padded text
+
+    def check_size(self, num_frames: int, height: int, width: int) -> None:
+        """Raise for sizes the patching cannot take, naming the nearest valid ones."""
+        _, ph, pw = PATCH
+        for name, value, step in (("height", height, ph), ("width", width, pw)):
+            if value < step or value % step:
+                low, high = max(step, value - value % step), value - value % step + step
+                raise ConfigError(f"{name}={value} must be a multiple of {step} (the patch size); try {low} or {high}")
+        if num_frames < 1:
+            raise ConfigError(f"num_frames={num_frames} must be >= 1")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int = 16,
+        height: int = 64,
+        width: int = 64,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+        generator: torch.Generator | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> ShapesVideoPipelineOutput | tuple:
+        """Generate clips. Returns `.frames`: (B, F, H, W, 3) numpy for "np", (B, F, 3, H, W) tensor for "pt"."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        self.check_size(num_frames, height, width)
+        device = self.transformer.device
+        cfg = guidance_scale > 1.0
+        text = self.encode_prompt(prompts + negatives if cfg else prompts)
+        batch = len(prompts)
+        latents = torch.randn((batch, 3, num_frames, height, width), generator=generator, dtype=torch.float32).to(device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for i, t in enumerate(self.scheduler.timesteps):
+                self._current_timestep = t
+                model_in = torch.cat([latents, latents]) if cfg else latents
+                with self.transformer.cache_context("cond_uncond" if cfg else "cond"):
+                    pred = self.transformer(hidden_states=model_in, timestep=t.expand(model_in.shape[0]),
+                                            encoder_hidden_states=text, return_dict=False)[0]
+                if cfg:
+                    cond, uncond = pred.chunk(2)
+                    pred = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents}
+                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                progress.update()
+        self._current_timestep = None
+        frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
+        if output_type == "np":
+            frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+        self.maybe_free_model_hooks()
+        return ShapesVideoPipelineOutput(frames=frames) if return_dict else (frames,)

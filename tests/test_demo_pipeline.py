@@ -1,0 +1,51 @@
+"""The demo pipeline: diffusers calling conventions, save/load round trip, training command, bad input."""
+
+import pytest
+import torch
+
+from sparse_dit import ConfigError, SparseDiTError
+from sparse_dit.cli import main
+from sparse_dit.pipelines.demo import load_demo_pipeline
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["train-demo", "--out", str(out), "--stages", "4x16:2:2,4x32:1:1"]) == 0
+    pipe = load_demo_pipeline(out)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, **kw):
+    args = dict(prompt="a red circle moving left", num_frames=4, height=32, width=32, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0), output_type="pt")
+    return pipe(**{**args, **kw}).frames
+
+
+def test_round_trip_and_conventions(trained):
+    frames = run(trained)
+    assert frames.shape == (1, 4, 3, 32, 32) and 0 <= float(frames.min()) and float(frames.max()) <= 1
+    assert torch.equal(frames, run(trained))  # same seed, same clip
+    seen = []
+    run(trained, callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+    assert seen == [0, 1]
+    assert run(trained, output_type="np").shape == (1, 4, 32, 32, 3)
+
+
+def test_sparse_attention_on_the_demo_pipeline(trained):
+    dense = run(trained)
+    trained.enable_sparse_attention("window", window=(1, 3, 3), block_size=16, min_seq_len=0, dense_steps=0)
+    sparse = run(trained)
+    assert 0 < trained.sparse_attention_stats().density() < 1
+    trained.disable_sparse_attention()
+    assert not torch.equal(sparse, dense) and torch.equal(run(trained), dense)
+
+
+def test_bad_input(trained, tmp_path):
+    with pytest.raises(ConfigError, match="knows: .*circle"):
+        run(trained, prompt="a purple circle moving left")
+    with pytest.raises(ConfigError, match="try 28 or 32"):
+        run(trained, height=30)
+    with pytest.raises(SparseDiTError, match="train-demo"):
+        load_demo_pipeline(tmp_path)
