@@ -48,3 +48,10 @@ def test_captions_round_trip_and_bad_words_list_the_vocabulary():
         parse_caption("a purple circle moving left")
     with pytest.raises(ConfigError, match="captions read"):
         parse_caption("a circle red moving left")
+
+
+def test_evaluation_caption_sets_respect_the_hold_out():
+    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS
+
+    assert not any(is_held_out(o) for c in CAPTIONS for o in parse_caption(c).objects)
+    assert all(is_held_out(o) for c in HELD_OUT_CAPTIONS for o in parse_caption(c).objects)
