@@ -77,9 +77,12 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 1e-3, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
             schedule.step()
+            # Warmed-up decay: a fixed 0.999 would still hold 0.999^n of the random init after n steps
+            # (32% after 1150), which is what made the first probe's samples pure speckle.
+            decay = min(ema, (1 + len(log)) / (10 + len(log)))
             with torch.no_grad():
                 for a, p in zip(average, params):
-                    a.lerp_(p.detach(), 1 - ema)
+                    a.lerp_(p.detach(), 1 - decay)
             value = loss.detach().item()
             log.append({"step": len(log), "loss": value, "stage": f"{stage.frames}x{stage.size}", "s": time.perf_counter() - start})
             bar.set_postfix(loss=f"{value:.4f}")
