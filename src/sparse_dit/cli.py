@@ -126,6 +126,11 @@ def load_pipeline(name: str):
         from sparse_dit.pipelines.random_wan import random_wan_pipeline
 
         return random_wan_pipeline(), "random-weight tiny Wan (the trained demo model is not shipped yet)"
+    index = Path(name) / "model_index.json"
+    if index.exists() and json.loads(index.read_text()).get("_class_name") == "ShapesVideoPipeline":
+        from sparse_dit.pipelines.demo import load_demo_pipeline
+
+        return load_demo_pipeline(name), f"demo model from {name}"
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(name, local_files_only=True), name
@@ -153,12 +158,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train_demo(args: argparse.Namespace) -> int:
-    from sparse_dit.pipelines.demo.train import Stage, train_demo
+    from sparse_dit.pipelines.demo.train import DEFAULT_STAGES, Stage, train_demo
 
-    stages = [Stage.parse(s) for s in args.stages.split(",")]
+    stages = [Stage.parse(s) for s in (args.stages or DEFAULT_STAGES).split(",")]
     summary = train_demo(Path(args.out), stages, seed=args.seed, lr=args.lr)
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from sparse_dit.evals.locality_report import write_locality_report
+
+    pipe, description = load_pipeline(args.pipeline)
+    call = {"prompt": args.prompt, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+            "generator": torch.Generator().manual_seed(args.seed), "output_type": "pt"}
+    call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    steps = args.sample_steps or [args.steps // 2]
+    table = write_locality_report(pipe, Path(args.out), call, steps=steps, window=tuple(args.window), rows=args.rows,
+                                  heads=args.maps, compare_untrained=not args.no_untrained, seed=args.seed)
+    print(f"{description}: attention mass inside a {'x'.join(map(str, args.window))} token window, steps {steps}")
+    print((Path(args.out) / "locality.md").read_text())
+    print(f"wrote {Path(args.out) / 'locality.json'}, {Path(args.out) / 'attention_maps.png'}")
+    return 0 if table else 1
+
+
+def cmd_score_demo(args: argparse.Namespace) -> int:
+    from sparse_dit.pipelines.demo import load_demo_pipeline
+    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate
+
+    pipe = load_demo_pipeline(args.path)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+            "num_frames": args.num_frames, "height": args.size, "width": args.size}
+    report = {"call": call, "seeds": args.seeds}
+    for name, captions in (("seen", CAPTIONS), ("held_out", HELD_OUT_CAPTIONS)):
+        rate = pass_rate(pipe, captions, seeds=args.seeds, batch=args.batch, **call)
+        report[name] = {"overall": rate.overall, "per_caption": rate.per_caption}
+        print(f"{name}: {rate.overall:.0%} of {len(captions)} captions x {args.seeds} seeds pass")
+        for caption, share in rate.per_caption.items():
+            print(f"  {share:4.0%}  {caption}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 
@@ -211,10 +253,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder; rerunning skips finished items")
     ev.set_defaults(func=cmd_eval)
 
+    att = sub.add_parser("attention", help="how local a pipeline's attention is, against its untrained twin; draws maps")
+    att.add_argument("--pipeline", default="demo", help="demo, or a local diffusers pipeline folder / cached id")
+    att.add_argument("--prompt", default="a red circle moving right")
+    att.add_argument("--seed", type=int, default=0)
+    att.add_argument("--steps", type=int, default=20, help="denoising steps of the run")
+    att.add_argument("--sample-steps", type=_csv(int), default=None, help="steps to sample (default: the middle one)")
+    att.add_argument("--guidance-scale", type=float, default=4.5)
+    att.add_argument("--num-frames", type=int, default=None)
+    att.add_argument("--height", type=int, default=None)
+    att.add_argument("--width", type=int, default=None)
+    att.add_argument("--window", type=_csv(int), default=[3, 5, 5], help="frames,rows,columns in tokens")
+    att.add_argument("--rows", type=int, default=64, help="query rows sampled per call")
+    att.add_argument("--maps", type=int, default=4, help="heads to draw")
+    att.add_argument("--no-untrained", action="store_true", help="skip the re-initialised twin")
+    att.add_argument("--out", default="outputs/attention")
+    att.set_defaults(func=cmd_attention)
+
+    score = sub.add_parser("score-demo", help="share of demo clips that move as captioned (pixel scorer)")
+    score.add_argument("--path", default=None, help="a trained pipeline folder (default: the shipped weights)")
+    score.add_argument("--seeds", type=int, default=20, help="new seeds per caption (1000, 1001, ...)")
+    score.add_argument("--steps", type=int, default=20)
+    score.add_argument("--guidance-scale", type=float, default=4.5)
+    score.add_argument("--num-frames", type=int, default=16)
+    score.add_argument("--size", type=int, default=64)
+    score.add_argument("--batch", type=int, default=10, help="clips generated per pipeline call")
+    score.add_argument("--json", default=None, help="write the rates to this file")
+    score.set_defaults(func=cmd_score_demo)
+
     train = sub.add_parser("train-demo", help="train the demo model from scratch on procedural clips (CPU)")
     train.add_argument("--out", required=True, help="folder to save the pipeline to (save_pretrained)")
-    train.add_argument("--stages", default="16x32:8:2000,16x64:2:300",
-                       help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order")
+    train.add_argument("--stages", default=None,
+                       help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order (default: those of the "
+                       "shipped weights, 4x64:8:1200,8x64:4:500,16x64:2:350)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=1e-3)
     train.set_defaults(func=cmd_train_demo)

@@ -109,6 +109,9 @@ class SparseAttentionRuntime:
         self.steps = StepTracker(pipeline)
         self.current: ForwardState | None = None
         self.synchronize = False  # wait for CUDA around each call so `stats.seconds` is true wall time
+        # Called as observer(site, ctx, q, k, scale) before every self-attention call: how offline tools
+        # (sparse_dit.search.capture) read the model's real q and k without a method of their own.
+        self.observers: list[Callable[[AttentionSite, PlanContext, torch.Tensor, torch.Tensor, float | None], None]] = []
 
     def _now(self, device: torch.device) -> float:
         if self.synchronize and device.type == "cuda":
@@ -160,6 +163,8 @@ class SparseAttentionRuntime:
             grid=state.grid, text_len=text_len, text_position=site.text_position if text_len else "none",
             batch=b, heads=h, layer=site.layer, step=state.step, num_steps=state.num_steps, device=q.device,
         )
+        for observer in self.observers:
+            observer(site, ctx, q, k, scale)
         start = self._now(q.device)
         if self.engine.dense_reason(ctx) is not None:
             out, heads, sparse = dense(), [1.0] * h, False

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ...errors import ConfigError
 from ..random_wan import tiny_t5_config, word_tokenizer
@@ -92,7 +93,7 @@ class ShapesVideoPipeline(DiffusionPipeline):
         width: int = 64,
         num_inference_steps: int = 20,
         guidance_scale: float = 4.5,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -107,7 +108,9 @@ class ShapesVideoPipeline(DiffusionPipeline):
         cfg = guidance_scale > 1.0
         text = self.encode_prompt(prompts + negatives if cfg else prompts)
         batch = len(prompts)
-        latents = torch.randn((batch, 3, num_frames, height, width), generator=generator, dtype=torch.float32).to(device)
+        # One generator per prompt gives every clip the noise it would get alone, so batching changes nothing.
+        latents = randn_tensor((batch, 3, num_frames, height, width), generator=generator, device=torch.device("cpu"),
+                               dtype=torch.float32).to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
         with self.progress_bar(total=num_inference_steps) as progress:

@@ -1,13 +1,16 @@
 """Training the demo model from scratch: rectified flow on procedurally rendered clips, on CPU.
 
-A run is a list of stages (frames x size, batch, steps): most steps on small clips, which are cheap, then a
-short stage at the demo size so the model has seen its token offsets. Deterministic for a seed.
+A run is a list of stages (frames x size, batch, steps). Short clips are cheap (attention is quadratic in
+tokens), so most steps train on a few consecutive frames cut from a full-length clip: the frame size, the
+object scale in tokens and the speed per frame are then exactly the demo's, and only the temporal offsets are
+shorter. Later stages lengthen the clips to the demo's 16 frames. Deterministic for a seed.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,9 @@ from .clips import render, sample_spec
 from .pipeline import ShapesVideoPipeline, build_components
 
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
+CLIP_FRAMES = 16  # the length a motion is rendered over; shorter stages train on a window of it
+FINAL_LR = 0.1  # the cosine schedule ends at this fraction of the peak rate
+DEFAULT_STAGES = "4x64:8:1200,8x64:4:500,16x64:2:350"
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class Stage:
 
     @classmethod
     def parse(cls, text: str) -> "Stage":
-        """From "FRAMESxSIZE:BATCH:STEPS", e.g. "16x32:8:2000"."""
+        """From "FRAMESxSIZE:BATCH:STEPS", e.g. "4x64:8:1200"."""
         shape, batch, steps = text.split(":")
         frames, size = shape.split("x")
         return cls(int(frames), int(size), int(batch), int(steps))
@@ -42,13 +48,15 @@ def _batch(stage: Stage, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]
     clips, captions = [], []
     for _ in range(stage.batch):
         spec = sample_spec(gen)
-        clips.append(render(spec, stage.frames, stage.size, stage.size, gen))
+        length = max(stage.frames, CLIP_FRAMES)
+        start = int(torch.randint(length - stage.frames + 1, (1,), generator=gen))
+        clips.append(render(spec, length, stage.size, stage.size, gen)[start : start + stage.frames])
         captions.append("" if float(torch.rand(1, generator=gen)) < CAPTION_DROPOUT else spec.caption)
     # (B, 3, F, H, W) in [-1, 1], the transformer's pixel-space "latents"
     return torch.stack(clips).permute(0, 2, 1, 3, 4) * 2 - 1, captions
 
 
-def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 1e-3, ema: float = 0.999) -> dict:
+def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 1e-3, ema: float = 0.998) -> dict:
     """Train, save the EMA weights as a pipeline with `save_pretrained` into `out`, and return the log."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -58,12 +66,13 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 1e-3, 
     optimiser = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     total = sum(s.steps for s in stages)
     warmup = min(100, total // 10 + 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min(1.0, (i + 1) / warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: _rate(i, warmup, total))
     pipe.transformer.train()
     pipe.text_encoder.train()
     log, start = [], time.perf_counter()
     bar = tqdm(total=total, desc="train-demo", unit="step")
-    for stage in stages:
+    out = Path(out)
+    for index, stage in enumerate(stages):
         for _ in range(stage.steps):
             x0, captions = _batch(stage, gen)
             noise = torch.randn(x0.shape, generator=gen)
@@ -87,18 +96,34 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 1e-3, 
             log.append({"step": len(log), "loss": value, "stage": f"{stage.frames}x{stage.size}", "s": time.perf_counter() - start})
             bar.set_postfix(loss=f"{value:.4f}")
             bar.update()
+        if index < len(stages) - 1:  # a checkpoint per stage, to sample from while the run goes on
+            _save_average(pipe, params, average, out / f"stage-{index + 1}")
     bar.close()
-    with torch.no_grad():
-        for a, p in zip(average, params):
-            p.copy_(a)
-    pipe.transformer.eval()
-    pipe.text_encoder.eval()
-    out = Path(out)
-    pipe.save_pretrained(out)
+    _save_average(pipe, params, average, out)
     summary = {"seed": seed, "stages": [s.__dict__ for s in stages], "seconds": time.perf_counter() - start,
                "final_loss": sum(r["loss"] for r in log[-50:]) / max(1, len(log[-50:])), "log": log}
     (out / "training_log.json").write_text(json.dumps(summary))
+    (out / "loss_curve.svg").write_text(loss_curve_svg(log))
     return summary
+
+
+def _rate(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay from 1 to FINAL_LR."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _save_average(pipe: ShapesVideoPipeline, params: list[torch.Tensor], average: list[torch.Tensor], path: Path) -> None:
+    """save_pretrained with the EMA weights, leaving the training weights in place."""
+    with torch.no_grad():
+        current = [p.detach().clone() for p in params]
+        for a, p in zip(average, params):
+            p.copy_(a)
+        pipe.save_pretrained(path)
+        for c, p in zip(current, params):
+            p.copy_(c)
 
 
 def smoothed(losses: list[float], window: int = 50) -> list[float]:
@@ -106,4 +131,39 @@ def smoothed(losses: list[float], window: int = 50) -> list[float]:
     return [sum(losses[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(losses))]
 
 
-__all__ = ["Stage", "smoothed", "train_demo"]
+def loss_curve_svg(log: list[dict], width: int = 640, height: int = 320) -> str:
+    """The training loss (50-step running mean, log scale) with the stage boundaries marked, as SVG."""
+    values = smoothed([r["loss"] for r in log])
+    pad, n = 56, len(values)
+    lo, hi = math.log10(min(values)), math.log10(max(values))
+    lo, hi = math.floor(lo * 2) / 2, math.ceil(hi * 2) / 2
+
+    def sx(i: float) -> float:
+        return pad + i / max(1, n - 1) * (width - 2 * pad)
+
+    def sy(v: float) -> float:
+        return height - pad - (math.log10(v) - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="loss curve">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 14}" text-anchor="middle" font-size="13">optimiser step</text>',
+             f'<text x="14" y="{height / 2}" text-anchor="middle" font-size="13" transform="rotate(-90 14 {height / 2})">'
+             "loss (50-step mean)</text>"]
+    for k in range(int(lo * 2), int(hi * 2) + 1):
+        v = 10 ** (k / 2)
+        parts.append(f'<text x="{pad - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11">{v:.3g}</text>')
+    for tick in range(0, n, max(1, round(n / 5, -2) or 1)):
+        parts.append(f'<text x="{sx(tick):.1f}" y="{height - pad + 16}" text-anchor="middle" font-size="11">{tick}</text>')
+    stage_starts = [i for i in range(n) if i == 0 or log[i]["stage"] != log[i - 1]["stage"]]
+    for i in stage_starts:
+        parts.append(f'<line x1="{sx(i):.1f}" y1="{pad}" x2="{sx(i):.1f}" y2="{height - pad}" stroke="#bbb" stroke-dasharray="4"/>')
+        parts.append(f'<text x="{sx(i) + 4:.1f}" y="{pad - 6}" font-size="11">{log[i]["stage"]}</text>')
+    path = " ".join(f"{'M' if i == 0 else 'L'}{sx(i):.1f},{sy(v):.1f}" for i, v in enumerate(values))
+    parts.append(f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+__all__ = ["DEFAULT_STAGES", "Stage", "loss_curve_svg", "smoothed", "train_demo"]
