@@ -1,4 +1,4 @@
-"""`sparse-dit eval` end to end on the random-weight demo pipeline: records, resumption, reports, rendering."""
+"""`sparse-dit eval` end to end on the demo model at a small size: records, resumption, reports, rendering."""
 
 import json
 import shutil
@@ -11,8 +11,8 @@ from sparse_dit.cli import main
 from sparse_dit.evals.report import PLOT_COLOUR, TABLE_HEAD_COLOUR
 
 ARGS = ["eval", "--methods", "dense,window,random", "--config", "window.window=[1,3,3]", "--config", "window.block_size=16",
-        "--config", "window.min_seq_len=0", "--config", "window.dense_steps=1", "--num-frames", "9", "--height", "64",
-        "--width", "96", "--steps", "3", "--seeds", "2", "--warmup", "0"]
+        "--config", "window.min_seq_len=0", "--config", "window.dense_steps=1", "--num-frames", "4", "--height", "32",
+        "--width", "32", "--steps", "3", "--seeds", "2", "--warmup", "0"]
 FIELDS = {"method", "prompt", "seed", "density", "psnr", "ssim", "lpips", "attention_s", "attention_ms_per_call", "total_s", "speedup",
           "temporal_flickering", "motion_smoothness", "subject_consistency", "background_consistency",
           "dynamic_degree", "imaging_quality", "density_map"}
@@ -38,7 +38,7 @@ def test_records(report):
             continue
         assert 0 < r["density"] < 1 and r["speedup"] > 0 and r["lpips"] is None
         assert r["psnr"] > 10 and 0 < r["ssim"] <= 1
-        assert r["density_map"][0] == [1.0, 1.0]  # step 0 is a dense warm-up step in both layers
+        assert set(r["density_map"][0]) == {1.0}  # step 0 is a dense warm-up step in every layer
     # The control runs at the density its method measured.
     for r in records:
         if r["method"] == "random":

@@ -11,66 +11,44 @@ from pathlib import Path
 import torch
 
 
-def _generate(pipe, seed: int, args: argparse.Namespace) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    frames = pipe(
-        prompt=args.prompt, negative_prompt="", num_frames=args.num_frames, height=args.height, width=args.width,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, max_sequence_length=16,
-        generator=torch.Generator().manual_seed(seed), output_type="pt",
-    ).frames[0]
-    return frames.float().cpu(), time.perf_counter() - start
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    import sparse_dit
-    from sparse_dit.evals.metrics import psnr
-    from sparse_dit.plugin.api import runtime_of
+    import shutil
+
+    from sparse_dit.evals.runner import EvalSettings, Evaluation
     from sparse_dit.evals.video import side_by_side, write_video
-    from sparse_dit.pipelines.random_wan import random_wan_pipeline
+    from sparse_dit.patterns import resolve_config
+    from sparse_dit.pipelines.demo import load_demo_pipeline
+    from sparse_dit.pipelines.demo.clips import parse_caption
 
-    print("sparse-dit demo: a tiny RANDOM-WEIGHT Wan pipeline built from configs (the trained demo model is not "
-          "shipped yet), so the clip is noise; what it shows is the plugin: density, timings, PSNR vs dense.")
-    pipe = random_wan_pipeline()
-    pipe.set_progress_bar_config(desc="denoising")
-    options = json.loads(args.options) if args.options else {}
-    options.setdefault("min_seq_len", 0)
-    options.setdefault("block_size", 64)
-
-    # Dense, timed through the same hooks (every step dense) so attention time is measured the same way.
-    sparse_dit.enable_sparse_attention(pipe, args.method, **{**options, "dense_steps": 1.0})
-    runtime_of(pipe).synchronize = True
-    _generate(pipe, args.seed, args)  # warm-up
-    dense, dense_s = _generate(pipe, args.seed, args)
-    dense_stats = pipe.sparse_attention_stats()
-
-    config = sparse_dit.enable_sparse_attention(pipe, args.method, **options)
-    sparse, sparse_s = _generate(pipe, args.seed, args)
-    stats = pipe.sparse_attention_stats()
-    pipe.disable_sparse_attention()
-
+    parse_caption(args.prompt)  # unknown words fail here, listing the vocabulary, before anything loads
+    config = resolve_config(args.method, **(json.loads(args.options) if args.options else {}))
+    pipe = load_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "results.json", out / "videos"):  # a demo is one fresh comparison, never resumed
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    call = {"num_frames": args.num_frames, "height": args.height, "width": args.width,
+            "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+    settings = EvalSettings(out=out, methods=[args.method], prompts=[args.prompt], call_kwargs=call, reps=1, warmup=1)
+    evaluation = Evaluation(pipe, settings)
+    print(f"sparse-dit demo: the shipped demo model, {args.num_frames}x{args.height}x{args.width} pixels, "
+          f"{args.steps} steps, '{args.prompt}', seed {args.seed}; dense, then {config.method} (each after a warm-up run)")
+    dense, dense_record = evaluation.dense(0, args.prompt, args.seed)
+    sparse, record = evaluation.method(args.method, config, 0, args.prompt, args.seed, dense, dense_record)
     comparison = side_by_side(dense, sparse)
-    for path in (out / "side_by_side.mp4", out / "side_by_side.gif"):
-        write_video(comparison, path)
-    summary = {
-        "model": "random-weight tiny Wan (not trained)",
-        "config": config.to_dict(),
-        "prompt": args.prompt,
-        "seed": args.seed,
-        "video_shape": list(dense.shape),
-        "density": stats.density(),
-        "density_sparse_steps": stats.density(sparse_only=True),
-        "attention_s": {"dense": dense_stats.seconds, "sparse": stats.seconds},
-        "end_to_end_s": {"dense": dense_s, "sparse": sparse_s},
-        "psnr_db": psnr(sparse, dense),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"method {config.method}: density {summary['density']:.3f} (sparse steps {summary['density_sparse_steps']:.3f})")
-    print(f"attention time: dense {dense_stats.seconds:.3f} s, sparse {stats.seconds:.3f} s")
-    print(f"end-to-end:     dense {dense_s:.2f} s, sparse {sparse_s:.2f} s")
-    print(f"PSNR sparse vs dense: {summary['psnr_db']:.2f} dB")
-    print(f"wrote {out / 'side_by_side.mp4'}, {out / 'side_by_side.gif'} (dense | sparse | 4x difference), {out / 'summary.json'}")
+    videos = [write_video(comparison, out / f"side_by_side.{suffix}") for suffix in ("mp4", "gif")]
+    keys = ("method", "prompt", "seed", "config", "density", "density_all_steps", "attention_s", "total_s",
+            "attention_speedup", "speedup", "psnr", "ssim")
+    summary = {key: record[key] for key in keys} | {"dense_attention_s": dense_record["attention_s"],
+                                                   "dense_total_s": dense_record["total_s"], "call": call}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"method {config.method}: density {record['density']:.3f} over sparse steps "
+          f"({record['density_all_steps']:.3f} with the dense warm-up steps)")
+    print(f"attention time: dense {dense_record['attention_s']:.2f} s, sparse {record['attention_s']:.2f} s "
+          f"({record['attention_speedup']:.2f}x)")
+    print(f"end-to-end:     dense {dense_record['total_s']:.2f} s, sparse {record['total_s']:.2f} s ({record['speedup']:.2f}x)")
+    print(f"PSNR sparse vs dense: {record['psnr']:.2f} dB, SSIM {record['ssim']:.3f}")
+    print(f"wrote {videos[0]}, {videos[1]} (dense | sparse | 4x difference), {out / 'summary.json'}")
     return 0
 
 
@@ -123,9 +101,9 @@ def _parse_configs(items: list[str]) -> dict[str, dict]:
 def load_pipeline(name: str):
     """`demo` or a local diffusers folder / cached hub id (never downloaded). Returns (pipeline, description)."""
     if name == "demo":
-        from sparse_dit.pipelines.random_wan import random_wan_pipeline
+        from sparse_dit.pipelines.demo import load_demo_pipeline
 
-        return random_wan_pipeline(), "random-weight tiny Wan (the trained demo model is not shipped yet)"
+        return load_demo_pipeline(), "the shipped demo model"
     index = Path(name) / "model_index.json"
     if index.exists() and json.loads(index.read_text()).get("_class_name") == "ShapesVideoPipeline":
         from sparse_dit.pipelines.demo import load_demo_pipeline
@@ -210,15 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate a clip dense and sparse from the same seed and compare them")
     demo.add_argument("--method", default="window", help="sparse method (see `sparse-dit methods`)")
-    demo.add_argument("--options", default='{"window": [3, 7, 7]}', help="method options as JSON")
-    demo.add_argument("--prompt", default="a red circle moving left")
+    demo.add_argument("--options", default=None, help='method options as JSON, e.g. \'{"window": [3, 7, 7]}\'')
+    demo.add_argument("--prompt", default="a yellow circle moving down", help="a caption in the demo vocabulary")
     demo.add_argument("--out", default="outputs/demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--steps", type=int, default=10)
-    demo.add_argument("--num-frames", type=int, default=17)
-    demo.add_argument("--height", type=int, default=256)
-    demo.add_argument("--width", type=int, default=256)
-    demo.add_argument("--guidance-scale", type=float, default=5.0)
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--num-frames", type=int, default=16)
+    demo.add_argument("--height", type=int, default=64)
+    demo.add_argument("--width", type=int, default=64)
+    demo.add_argument("--guidance-scale", type=float, default=4.5)
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)

@@ -134,6 +134,7 @@ class Evaluation:
 
     # -- the evaluation ----------------------------------------------------------------------------
     def dense(self, prompt_idx: int, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
+        """The dense baseline video (T, C, H, W) and record of (prompt, seed): reused if already done."""
         path = self._video_path(BASELINE, prompt_idx, seed).with_suffix(".safetensors")
         record = self._find(BASELINE, prompt, seed)
         if record is not None and path.exists():
@@ -147,7 +148,8 @@ class Evaluation:
         return video, self._add(record)
 
     def method(self, name: str, config, prompt_idx: int, prompt: str, seed: int, dense_video: torch.Tensor,
-               dense_record: dict, paired_with: str | None = None) -> dict:
+               dense_record: dict, paired_with: str | None = None) -> tuple[torch.Tensor, dict]:
+        """Generate with `config`, score it against the dense video and write the side-by-side gif."""
         video, record = self._run(name if paired_with is None else f"{name}~{paired_with}", config, prompt, seed)
         tag = name if paired_with is None else f"{name}-{paired_with}"
         base = self._video_path(tag, prompt_idx, seed)
@@ -159,7 +161,7 @@ class Evaluation:
             video=str(base.with_suffix(".gif").relative_to(self.out)),
             **metrics.reference_scores(video, dense_video), **metrics.vbench_scores(video),
         )
-        return record
+        return video, record
 
     def run(self) -> list[dict]:
         """Evaluate every (prompt, seed) with every method and its random control."""
@@ -174,7 +176,7 @@ class Evaluation:
                 config = resolve_config(name, **self.settings.configs.get(name, {}))
                 record = self._find(name, prompt, seed)
                 if record is None:
-                    record = self._add(self.method(name, config, i, prompt, seed, dense_video, dense_record))
+                    record = self._add(self.method(name, config, i, prompt, seed, dense_video, dense_record)[1])
                 bar.update(1)
                 if self._find(CONTROL, prompt, seed, paired_with=name) is None:
                     table = tuple((s, l, tuple(d)) for s, l, d in record["density_table"])
@@ -183,7 +185,7 @@ class Evaluation:
                         dense_layers=config.dense_layers, min_seq_len=config.min_seq_len, seed=seed,
                         **self.settings.configs.get(CONTROL, {}),
                     )
-                    paired = self.method(CONTROL, control, i, prompt, seed, dense_video, dense_record, paired_with=name)
+                    _, paired = self.method(CONTROL, control, i, prompt, seed, dense_video, dense_record, paired_with=name)
                     paired.pop("density_table")
                     paired["config"].pop("density_table")
                     self._add(paired)

@@ -17,7 +17,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...errors import ConfigError
-from ..random_wan import tiny_t5_config, word_tokenizer
+from ..text import tiny_t5_config, word_tokenizer
 from .clips import VOCABULARY, parse_caption
 
 MAX_TOKENS = 12  # "a red circle moving up left and a blue square staying still" is 12 words

@@ -1,12 +1,9 @@
-"""A small random-weight Wan pipeline built from configs: for the demo until the trained model ships, and tests.
+"""Text encoders that need no download: a word-level tokenizer built in code and a tiny (UM)T5 config.
 
-Nothing is downloaded: the tokenizer is a word-level `tokenizers` model built in code and every network is
-constructed from a config under a fixed seed.
+The demo model's text side, and the tiny pipelines the tests build from configs.
 """
 
 from __future__ import annotations
-
-import torch
 
 _SPECIAL = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
 
@@ -44,29 +41,4 @@ def tiny_t5_config(umt5: bool = False):
     return cls(
         vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
         dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
-
-
-DEMO_WORDS = "a an the and of in on with red green blue yellow circle square triangle moving left right up down".split()
-
-
-def random_wan_pipeline(num_layers: int = 2, heads: int = 4, head_dim: int = 16, seed: int = 0):
-    """A `WanPipeline` with random weights: UMT5 text encoder, Wan VAE and transformer, all tiny.
-
-    At 17 frames of 256x256 pixels the transformer sees a (5, 16, 16) token grid (1280 tokens).
-    """
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(tiny_t5_config(umt5=True)).eval()
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=4 * heads * head_dim, num_layers=num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-    ).eval()
-    return WanPipeline(
-        tokenizer=word_tokenizer(DEMO_WORDS), text_encoder=text_encoder, vae=vae, transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
     )

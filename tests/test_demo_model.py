@@ -1,0 +1,56 @@
+"""The shipped demo model: loads from inside the package, follows its captions, and `sparse-dit demo` runs on it."""
+
+import json
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from sparse_dit.cli import main
+from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
+from sparse_dit.pipelines.demo.evaluate import CAPTIONS, pass_rate
+from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
+
+MAX_BYTES = 25 * 2**20
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = load_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_weights_ship_inside_the_package_within_budget(pipe):
+    size = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
+    assert 0 < size <= MAX_BYTES
+    assert isinstance(pipe, ShapesVideoPipeline) and isinstance(pipe.transformer, WanTransformer3DModel)
+    assert not pipe.transformer.training
+
+
+def test_clips_move_as_captioned(pipe):
+    # A sample of the full measurement (`sparse-dit score-demo`: 5 captions x 20 seeds, README): one new
+    # seed per seen caption, at the demo size with the default sampler.
+    rate = pass_rate(pipe, CAPTIONS, seeds=1, batch=1)
+    assert rate.overall >= 0.8, rate.per_caption
+
+
+def test_generates_at_twice_the_demo_token_count(pipe):
+    frames = pipe(prompt="a green square moving up", num_frames=32, height=64, width=64, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert frames.shape == (1, 32, 3, 64, 64) and torch.isfinite(frames).all()  # 32 x 16 x 16 = 8192 tokens
+
+
+def test_demo_command(tmp_path, capsys):
+    assert main(["demo", "--steps", "3", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["density"] < 1 and summary["psnr"] > 10 and summary["total_s"] > 0
+    for name in ("side_by_side.mp4", "side_by_side.gif"):
+        assert (tmp_path / name).stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "density" in printed and "PSNR" in printed and "end-to-end" in printed
+
+
+def test_demo_command_rejects_unknown_words(tmp_path):
+    with pytest.raises(Exception, match="knows: "):
+        main(["demo", "--prompt", "a purple circle moving left", "--out", str(tmp_path)])
