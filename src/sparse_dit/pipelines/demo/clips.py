@@ -146,25 +146,33 @@ def _coverage(shape: str, xs: torch.Tensor, ys: torch.Tensor, cx: torch.Tensor, 
     return (0.5 - dist).clamp(0, 1)
 
 
+JITTER = 0.1  # of the shorter side: how far a path's centre may sit from its anchor
+
+
 def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """Render a clip: (T, 3, H, W) float in [0, 1].
 
-    Objects have a size of 12-16% of the shorter side and travel about 45% of it over the clip, starting
-    where they stay inside the frame.
+    Objects have a size of 12-16% of the shorter side and travel about 45% of it over the clip. Each path
+    is centred on an anchor (the frame's centre for one object; the upper and lower thirds for two),
+    jittered by up to JITTER of the side and kept inside the frame. Anchored paths keep the task small
+    enough for a CPU-trained model: where an object is follows from its caption, up to the jitter, so the
+    model learns shape, colour and motion rather than a uniform spread of positions.
     """
     side = min(height, width)
     video = _background(height, width, generator).expand(frames, 3, height, width).clone()
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
-    for obj in spec.objects:
+    anchors = [0.5] if len(spec.objects) == 1 else [1 / 3, 2 / 3]
+    for obj, anchor in zip(spec.objects, anchors):
         r = side * (0.12 + 0.04 * float(torch.rand(1, generator=generator)))
         travel = side * (0.40 + 0.10 * float(torch.rand(1, generator=generator)))
         vx, vy = (travel * c for c in MOTIONS[obj.motion])
+        jx, jy = (JITTER * side * (2 * float(torch.rand(1, generator=generator)) - 1) for _ in range(2))
         margin = r + 1
-        # Start so that the whole path stays inside the frame.
+        # The start that centres the path on the anchor, clamped so the whole path stays inside the frame.
         lo_x, hi_x = margin + max(0.0, -vx), width - margin - max(0.0, vx)
         lo_y, hi_y = margin + max(0.0, -vy), height - margin - max(0.0, vy)
-        x0 = lo_x + (hi_x - lo_x) * float(torch.rand(1, generator=generator))
-        y0 = lo_y + (hi_y - lo_y) * float(torch.rand(1, generator=generator))
+        x0 = min(max(width / 2 - vx / 2 + jx, lo_x), hi_x)
+        y0 = min(max(height * anchor - vy / 2 + jy, lo_y), hi_y)
         colour = torch.tensor(COLOURS[obj.colour]).view(1, 3, 1, 1)
         f = torch.linspace(0, 1, frames).view(frames, 1, 1)
         alpha = _coverage(obj.shape, xs, ys, x0 + vx * f, y0 + vy * f, r)[:, None]

@@ -24,7 +24,7 @@ from .pipeline import ShapesVideoPipeline, build_components
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
 CLIP_FRAMES = 16  # the length a motion is rendered over; shorter stages train on a window of it
 FINAL_LR = 0.1  # the cosine schedule ends at this fraction of the peak rate
-DEFAULT_STAGES = "4x64:8:1200,8x64:4:500,16x64:2:350"
+DEFAULT_STAGES = "4x64:8:900,8x64:4:300,16x64:2:700"
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def loss_curve_svg(log: list[dict], width: int = 640, height: int = 320) -> str:
     for k in range(int(lo * 2), int(hi * 2) + 1):
         v = 10 ** (k / 2)
         parts.append(f'<text x="{pad - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11">{v:.3g}</text>')
-    for tick in range(0, n, max(1, round(n / 5, -2) or 1)):
+    for tick in range(0, n, max(1, int(round(n / 5, -2)) or 1)):
         parts.append(f'<text x="{sx(tick):.1f}" y="{height - pad + 16}" text-anchor="middle" font-size="11">{tick}</text>')
     stage_starts = [i for i in range(n) if i == 0 or log[i]["stage"] != log[i - 1]["stage"]]
     for i in stage_starts:
