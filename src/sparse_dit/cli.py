@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -153,12 +152,12 @@ def cmd_attention(args: argparse.Namespace) -> int:
             "generator": torch.Generator().manual_seed(args.seed), "output_type": "pt"}
     call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
     steps = args.sample_steps or [args.steps // 2]
-    table = write_locality_report(pipe, Path(args.out), call, steps=steps, window=tuple(args.window), rows=args.rows,
-                                  heads=args.maps, compare_untrained=not args.no_untrained, seed=args.seed)
+    write_locality_report(pipe, Path(args.out), call, steps=steps, window=tuple(args.window), rows=args.rows,
+                          heads=args.maps, compare_untrained=not args.no_untrained, seed=args.seed)
     print(f"{description}: attention mass inside a {'x'.join(map(str, args.window))} token window, steps {steps}")
     print((Path(args.out) / "locality.md").read_text())
     print(f"wrote {Path(args.out) / 'locality.json'}, {Path(args.out) / 'attention_maps.png'}")
-    return 0 if table else 1
+    return 0
 
 
 def cmd_score_demo(args: argparse.Namespace) -> int:

@@ -26,8 +26,9 @@ class LocalityRow:
 
 def untrained_copy(pipe: Any, seed: int = 0) -> Any:
     """The same pipeline with its transformer re-initialised from its config: the structure-free baseline."""
-    torch.manual_seed(seed)
-    transformer = type(pipe.transformer).from_config(pipe.transformer.config).eval()
+    with torch.random.fork_rng():  # seeded init without touching the caller's random state
+        torch.manual_seed(seed)
+        transformer = type(pipe.transformer).from_config(pipe.transformer.config).eval()
     twin = type(pipe)(**{**pipe.components, "transformer": transformer})
     twin.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return twin

@@ -84,9 +84,9 @@ def run(
     if backend == "auto" and q.is_cuda and _triton_supports(plan, q, attn_mask, return_lse):
         backend = "triton"
     if backend == "auto":
-        fast = flex if q.is_cuda else gather
+        name, fast = ("flex", flex) if q.is_cuda else ("gather", gather)
         fits = fast.supports(plan, q, attn_mask, return_lse) and plan.seq_len >= AUTO_MIN_SEQ
-        backend = ("flex" if q.is_cuda else "gather") if fits else "reference"
+        backend = name if fits else "reference"
     if backend == "gather":
         if not gather.supports(plan, q, attn_mask, return_lse):
             raise ConfigError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import HEAD_DENSE, AttentionPlan
-from .layout import finish, permute
+from .layout import finish, fixed_blocks_without_mask, permute, wants_lse_or_grad
 from .reference import fake_quant
 
 _compiled = None
@@ -35,8 +35,8 @@ def compiled_flex_attention():
 def supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
     """Whether this path can run the call exactly: fixed blocks, no model mask, and on CPU (where inductor's
     FlexAttention is inference-only and returns no LSE) no gradient and no LSE."""
-    cpu_limits = q.device.type == "cpu" and (return_lse or (torch.is_grad_enabled() and q.requires_grad))
-    return plan.q_bounds is None and plan.k_bounds is None and attn_mask is None and not cpu_limits
+    cpu_limits = q.device.type == "cpu" and wants_lse_or_grad(q, return_lse)
+    return fixed_blocks_without_mask(plan, attn_mask) and not cpu_limits
 
 
 def block_mask(plan: AttentionPlan, device: torch.device):

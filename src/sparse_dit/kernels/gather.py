@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import HEAD_DENSE, AttentionPlan
-from .layout import finish, permute
+from .layout import finish, fixed_blocks_without_mask, permute, wants_lse_or_grad
 
 CHUNK = 16  # query blocks per SDPA call: the gathered K and V of a chunk fit in L2/L3
 
@@ -29,8 +29,7 @@ class _Group:
 
 def supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
     """Fixed blocks, no model mask, no LSE, no gradient."""
-    grad = torch.is_grad_enabled() and q.requires_grad
-    return plan.q_bounds is None and plan.k_bounds is None and attn_mask is None and not return_lse and not grad
+    return fixed_blocks_without_mask(plan, attn_mask) and not wants_lse_or_grad(q, return_lse)
 
 
 def groups(plan: AttentionPlan, batch: int, heads: int, device: torch.device) -> list[_Group]:
