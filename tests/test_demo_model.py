@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+import sparse_dit
 from sparse_dit.cli import main
 from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
 from sparse_dit.evals.locality_report import untrained_copy
@@ -27,6 +28,7 @@ def test_weights_ship_inside_the_package_within_budget(pipe):
     assert 0 < size <= MAX_BYTES
     assert isinstance(pipe, ShapesVideoPipeline) and isinstance(pipe.transformer, WanTransformer3DModel)
     assert not pipe.transformer.training
+    assert sparse_dit.load_demo_pipeline is load_demo_pipeline  # the public name the README uses
 
 
 def test_it_learned_to_denoise_its_clips(pipe):

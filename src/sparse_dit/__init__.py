@@ -17,6 +17,7 @@ from .errors import (
 )
 from .functional import sparse_attention
 from .patterns import DenseConfig, WindowConfig, list_methods, resolve_config
+from .pipelines.demo import load_demo_pipeline
 from .plan import AttentionPlan
 from .plugin import (
     AttentionStats,
@@ -45,6 +46,7 @@ __all__ = [
     "disable_sparse_attention",
     "enable_sparse_attention",
     "list_methods",
+    "load_demo_pipeline",
     "resolve_config",
     "sparse_attention",
     "sparse_attention_stats",
