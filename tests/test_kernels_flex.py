@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_dit import ConfigError, kernels
+from sparse_dit.kernels import gather
 from sparse_dit.cli import main
 from sparse_dit.plan import HEAD_DENSE, HEAD_SKIP, HEAD_SPARSE, AttentionPlan
 
@@ -26,8 +27,11 @@ def per_head_plan(**fields):
     return AttentionPlan(seq_len=S, layout=layout, block_size=BLOCK, **fields)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gather_matches_reference_with_order_and_head_modes(dtype):
+@pytest.mark.parametrize("split_keys", [False, True], ids=["whole", "split-keys"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gather_matches_reference_with_order_and_head_modes(dtype, split_keys, monkeypatch):
+    if split_keys:  # at most two key blocks per SDPA call: parts merged by their LSE, the ragged block masked
+        monkeypatch.setattr(gather, "KV_BYTES", 2 * BLOCK * 2 * D * dtype.itemsize)
     q, k, v = inputs(dtype)
     order = torch.stack([torch.randperm(S) for _ in range(B * H)]).view(B, H, S)
     modes = torch.tensor([[HEAD_DENSE, HEAD_SPARSE, HEAD_SKIP], [HEAD_SPARSE, HEAD_SPARSE, HEAD_DENSE]], dtype=torch.int8)

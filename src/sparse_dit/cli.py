@@ -72,7 +72,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     todo = cases(args.seq, args.head_dim, args.density, args.block, args.backend, args.heads, args.dtype)
     results = [run_case(case, device, args.reps, args.warmup) for case in tqdm(todo, desc="bench kernels")]
-    print(f"device {device}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.reps} after {args.warmup} warm-up")
+    print(f"device {device}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.reps} rounds (dense, sparse, bare kernel in turn) after {args.warmup} warm-up")
     print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kernels import flex, gather
 from ..plan import AttentionPlan
-from .timing import median_seconds
+from .timing import interleaved_seconds
 
 
 @dataclass
@@ -60,7 +61,7 @@ def bare_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attenti
 
 
 def run_case(case: KernelCase, device: str, reps: int, warmup: int, seed: int = 0) -> KernelCase:
-    """Time dense SDPA and the sparse path on the same inputs, in this order, in one process."""
+    """Time dense SDPA, the sparse path and its bare kernel on the same inputs, in interleaved rounds, in one process."""
     gen = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)
     q, k, v = (torch.randn(1, case.seq, case.heads, case.head_dim, generator=gen).to(device, dtype) for _ in range(3))
@@ -68,14 +69,19 @@ def run_case(case: KernelCase, device: str, reps: int, warmup: int, seed: int = 
     plan = AttentionPlan(seq_len=plan.seq_len, layout=plan.layout.to(device), block_size=plan.block_size)
     qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     with torch.inference_mode():
-        dense_s = median_seconds(lambda: F.scaled_dot_product_attention(qh, kh, vh), reps, warmup, device)
-        sparse_s = median_seconds(lambda: kernels.run(q, k, v, plan, backend=case.backend), reps, warmup, device)
+        fns = {"dense": lambda: F.scaled_dot_product_attention(qh, kh, vh),
+               "sparse": lambda: kernels.run(q, k, v, plan, backend=case.backend)}
         bare = bare_kernel(q, k, v, plan, case.backend)
-        bare_s = median_seconds(bare, reps, warmup, device) if bare is not None else float("nan")
+        if bare is not None:
+            fns["bare"] = bare
+        times = interleaved_seconds(fns, reps, warmup, device)
+    dense_s, sparse_s = statistics.median(times["dense"]), statistics.median(times["sparse"])
     case.dense_ms, case.sparse_ms = dense_s * 1e3, sparse_s * 1e3
     case.speedup = dense_s / sparse_s
     case.actual_density = plan.density
-    case.bookkeeping_ms = (sparse_s - bare_s) * 1e3
+    # Per-round differences: a slow round of the shared machine hits both calls of that round.
+    case.bookkeeping_ms = (statistics.median(s - b for s, b in zip(times["sparse"], times["bare"])) * 1e3
+                           if bare is not None else float("nan"))
     if torch.device(device).type == "cuda":
         flops = 4 * case.seq**2 * case.head_dim * case.heads * plan.density
         case.tflops = flops / sparse_s / 1e12

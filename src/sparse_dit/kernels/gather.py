@@ -1,14 +1,17 @@
 """The CPU fast path: gather each query block's kept key blocks and run the CPU flash SDPA kernel on them.
 
 Query blocks are grouped by how many key blocks they keep, so every batch of query blocks handed to SDPA
-has the same key length and needs no padding mask; batches are small (`CHUNK` query blocks) so the gathered
-keys and values stay in cache. On 2 CPU cores this is 1.4-2x faster than compiled FlexAttention over the same
-plan (docs/benchmarks.md) and needs no compilation. The grouping is built once per plan and kept in
-`plan.cache`.
+has the same key length and needs no padding mask; batches are small (`CHUNK` query blocks). The SDPA kernel
+walks a query block's keys once per 32-row query tile, so a block's keys and values should stay in a core's
+L2 between tiles: where they would not (`KV_BYTES`), the keys are split into parts run separately and merged
+by their log-sum-exp, as FlashDecoding merges its key splits. On 2 CPU cores this is 1.4-2x faster than
+compiled FlexAttention over the same plan (docs/benchmarks.md) and needs no compilation. The grouping is
+built once per plan and kept in `plan.cache`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 from ..plan import HEAD_DENSE, AttentionPlan
 from .layout import finish, fixed_blocks_without_mask, permute, wants_lse_or_grad
 
-CHUNK = 16  # query blocks per SDPA call: the gathered K and V of a chunk fit in L2/L3
+CHUNK = 16  # query blocks per SDPA call
+KV_BYTES = 1 << 20  # most K + V bytes per query block in one SDPA call: half a core's L2 on the project's VM
 
 
 @dataclass(frozen=True)
@@ -68,14 +72,40 @@ def attend_blocks(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, groups: 
     bs, d = qb.shape[1:]
     for group in groups:
         kept = group.cols.shape[1]
+        parts = math.ceil(kept * bs * 2 * d * kb.element_size() / KV_BYTES)
+        bounds = [kept * i // parts for i in range(parts + 1)]
         for start in range(0, len(group.rows), CHUNK):
             rows = group.rows[start : start + CHUNK]
-            cols = group.cols[start : start + CHUNK].flatten()
-            kg = kb.index_select(0, cols).view(len(rows), 1, kept * bs, d)
-            vg = vb.index_select(0, cols).view(len(rows), 1, kept * bs, d)
-            mask = None if group.valid is None else group.valid[start : start + CHUNK]
-            out[rows] = F.scaled_dot_product_attention(qb[rows][:, None], kg, vg, attn_mask=mask, scale=scale)[:, 0]
+            q = qb[rows][:, None]
+            if parts == 1:
+                kg, vg, mask = _keys(kb, vb, group, start, 0, kept, bs)
+                out[rows] = F.scaled_dot_product_attention(q, kg, vg, attn_mask=mask, scale=scale)[:, 0]
+                continue
+            acc = lse = None
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                kg, vg, mask = _keys(kb, vb, group, start, lo, hi, bs)
+                if mask is not None:  # the raw kernel takes an additive mask
+                    mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+                part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kg, vg, attn_mask=mask, scale=scale)
+                part, part_lse = part.float(), part_lse[..., None]
+                if acc is None:
+                    acc, lse = part, part_lse
+                else:
+                    merged = torch.logaddexp(lse, part_lse)
+                    acc = acc * (lse - merged).exp_() + part * (part_lse - merged).exp_()
+                    lse = merged
+            out[rows] = acc[:, 0].to(out.dtype)
     return out
+
+
+def _keys(kb: torch.Tensor, vb: torch.Tensor, group: _Group, start: int, lo: int, hi: int, bs: int):
+    """Kept key blocks lo..hi of a chunk's query blocks, gathered: K, V (R, 1, keys, D) and a padding mask or None."""
+    cols = group.cols[start : start + CHUNK, lo:hi]
+    r, d = cols.shape[0], kb.shape[-1]
+    kg = kb.index_select(0, cols.flatten()).view(r, 1, (hi - lo) * bs, d)
+    vg = vb.index_select(0, cols.flatten()).view(r, 1, (hi - lo) * bs, d)
+    mask = None if group.valid is None else group.valid[start : start + CHUNK, ..., lo * bs : hi * bs]
+    return kg, vg, mask
 
 
 def block_rows(plan: AttentionPlan, *tensors: torch.Tensor) -> list[torch.Tensor]:
