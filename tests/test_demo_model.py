@@ -11,6 +11,7 @@ from sparse_dit.cli import main
 from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
 from sparse_dit.evals.locality_report import untrained_copy
 from sparse_dit.pipelines.demo.clips import parse_caption, render
+from sparse_dit.pipelines.demo.evaluate import predictions_by_noise
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
 
 MAX_BYTES = 25 * 2**20
@@ -69,3 +70,9 @@ def test_demo_command(tmp_path, capsys):
 def test_demo_command_rejects_unknown_words(tmp_path):
     with pytest.raises(Exception, match="knows: "):
         main(["demo", "--prompt", "a purple circle moving left", "--out", str(tmp_path)])
+
+
+def test_predictions_by_noise_figure(pipe):
+    image, errors = predictions_by_noise(pipe, levels=(0.3, 0.98), frames=(0, 15))
+    assert image.size == (2 * (2 * 64 + 2), 2 * (3 * 64 + 2 * 2))  # 2 frames wide; the clip and 2 levels tall
+    assert errors[0.3] < errors[0.98]  # the less noise, the closer the prediction

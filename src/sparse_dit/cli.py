@@ -162,13 +162,21 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_score_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo import load_demo_pipeline
-    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate
+    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate, predictions_by_noise
 
     pipe = load_demo_pipeline(args.path)
     pipe.set_progress_bar_config(disable=True)
+    report = {}
+    if args.noise_figure:
+        image, errors = predictions_by_noise(pipe)
+        Path(args.noise_figure).parent.mkdir(parents=True, exist_ok=True)
+        image.save(args.noise_figure)
+        report["x0_mse_by_noise"] = errors
+        print(f"clean-clip predictions by noise level -> {args.noise_figure}; MSE: "
+              + ", ".join(f"t={t}: {e:.4f}" for t, e in errors.items()))
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
             "num_frames": args.num_frames, "height": args.size, "width": args.size}
-    report = {"call": call}
+    report["call"] = call
     for name, captions, seeds in (("seen", CAPTIONS, args.seeds), ("held_out", HELD_OUT_CAPTIONS, args.held_out_seeds)):
         if not seeds:
             continue
@@ -259,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--size", type=int, default=64)
     score.add_argument("--batch", type=int, default=10, help="clips generated per pipeline call")
     score.add_argument("--json", default=None, help="write the rates to this file")
+    score.add_argument("--noise-figure", default=None,
+                       help="also write a PNG of the model's clean-clip predictions from noise levels 0.3-0.98")
     score.set_defaults(func=cmd_score_demo)
 
     train = sub.add_parser("train-demo", help="train the demo model from scratch on procedural clips (CPU)")

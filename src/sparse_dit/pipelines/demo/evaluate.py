@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from .clips import parse_caption
+from .clips import parse_caption, render
 from .score import clip_passes
 
 CAPTIONS = (  # seen in training
@@ -54,3 +56,34 @@ def pass_rate(pipe, captions=CAPTIONS, seeds: int = 20, batch: int = 10, **call)
         results[caption] = passed / seeds
     bar.close()
     return PassRate(results)
+
+
+@torch.no_grad()
+def predictions_by_noise(
+    pipe, caption: str = CAPTIONS[0], levels: tuple[float, ...] = (0.3, 0.6, 0.9, 0.98),
+    frames: tuple[int, ...] = (0, 5, 10, 15), seed: int = 0, scale: int = 2,
+) -> tuple[Image.Image, dict[float, float]]:
+    """What the model predicts as the clean clip from one noisy clip at several noise levels.
+
+    Renders a 16 x 64 x 64 clip of `caption`, noises it to each t in `levels` and takes the one-step
+    prediction x0 = x_t - t * v (conditional, no guidance). Returns an image (rows: the clip, then one row
+    per level; columns: `frames`; each pixel `scale` x `scale`) and the MSE of each prediction in [-1, 1] units.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x0 = render(parse_caption(caption), 16, 64, 64, gen).permute(1, 0, 2, 3)[None] * 2 - 1  # (1, 3, F, H, W)
+    noise = torch.randn(x0.shape, generator=gen)
+    text = pipe.encode_prompt([caption])
+    rows, errors = [x0], {}
+    for t in levels:
+        xt = (1 - t) * x0 + t * noise
+        v = pipe.transformer(hidden_states=xt, timestep=torch.tensor([t * 1000.0]),
+                             encoder_hidden_states=text, return_dict=False)[0]
+        pred = xt - t * v
+        errors[t] = float(((pred - x0) ** 2).mean())
+        rows.append(pred)
+    tiles = [[((r[0, :, f].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy() for f in frames] for r in rows]
+    gap = np.full((64, 2, 3), 255, np.uint8)
+    lines = [np.concatenate([x for tile in line for x in (tile, gap)][:-1], axis=1) for line in tiles]
+    hgap = np.full((2, lines[0].shape[1], 3), 255, np.uint8)
+    grid = np.concatenate([x for line in lines for x in (line, hgap)][:-1], axis=0)
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST), errors
