@@ -45,6 +45,21 @@ def test_gather_matches_reference_with_order_and_head_modes(dtype, split_keys, m
     torch.testing.assert_close(kernels.run(q, k, v, full, backend="gather").float(), dense, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("heads", [1, H])
+def test_gather_outputs_outlive_its_workspace(heads):
+    """The gather path reuses its buffers between calls; what it returns must not be one of them."""
+    layout = torch.rand(1, heads, N, N) < 0.5
+    layout[..., 0, :] = False  # a query block that attends to nothing outputs zeros
+    plan = AttentionPlan(seq_len=S, layout=layout, block_size=BLOCK)
+    first, second = ([torch.randn(B, S, heads, D) for _ in range(3)] for _ in range(2))
+    with torch.inference_mode():
+        out = kernels.run(*first, plan, backend="gather")
+        kept = out.clone()
+        kernels.run(*second, plan, backend="gather")
+    torch.testing.assert_close(out, kept, atol=0, rtol=0)
+    torch.testing.assert_close(out, kernels.run(*first, plan, backend="reference"), atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
 def test_auto_picks_gather_on_cpu_from_512_tokens():
     q, k, v = (torch.randn(1, 640, 2, 16) for _ in range(3))
     plan = AttentionPlan(seq_len=640, layout=torch.eye(10, dtype=torch.bool)[None, None], block_size=64)

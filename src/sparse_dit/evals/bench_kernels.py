@@ -77,9 +77,9 @@ def run_case(case: KernelCase, device: str, reps: int, warmup: int, seed: int = 
         times = interleaved_seconds(fns, reps, warmup, device)
     dense_s, sparse_s = statistics.median(times["dense"]), statistics.median(times["sparse"])
     case.dense_ms, case.sparse_ms = dense_s * 1e3, sparse_s * 1e3
-    case.speedup = dense_s / sparse_s
+    # Per-round ratios and differences: a slow round of the shared machine hits every call of that round.
+    case.speedup = statistics.median(d / s for d, s in zip(times["dense"], times["sparse"]))
     case.actual_density = plan.density
-    # Per-round differences: a slow round of the shared machine hits both calls of that round.
     case.bookkeeping_ms = (statistics.median(s - b for s, b in zip(times["sparse"], times["bare"])) * 1e3
                            if bare is not None else float("nan"))
     if torch.device(device).type == "cuda":
