@@ -4,9 +4,10 @@ Query blocks are grouped by how many key blocks they keep, so every batch of que
 has the same key length and needs no padding mask; batches are small (`CHUNK` query blocks). The SDPA kernel
 walks a query block's keys once per 32-row query tile, so a block's keys and values should stay in a core's
 L2 between tiles: where they would not (`KV_BYTES`), the keys are split into parts run separately and merged
-by their log-sum-exp, as FlashDecoding merges its key splits. On 2 CPU cores this is 1.4-2x faster than
-compiled FlexAttention over the same plan (docs/benchmarks.md) and needs no compilation. The grouping is
-built once per plan and kept in `plan.cache`.
+by their log-sum-exp, as FlashDecoding merges its key splits. Block rows, gathered keys and the output live
+in a per-thread workspace reused between calls, because fresh multi-MB buffers cost their first-touch page
+faults on every call. On 2 CPU cores this is 1.2-1.6x faster than compiled FlexAttention over the same plan
+(docs/benchmarks.md) and needs no compilation. The grouping is built once per plan and kept in `plan.cache`.
 """
 
 from __future__ import annotations
