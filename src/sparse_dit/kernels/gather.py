@@ -6,7 +6,7 @@ walks a query block's keys once per 32-row query tile, so a block's keys and val
 L2 between tiles: where they would not (`KV_BYTES`), the keys are split into parts run separately and merged
 by their log-sum-exp, as FlashDecoding merges its key splits. Block rows, gathered keys and the output live
 in a per-thread workspace reused between calls, because fresh multi-MB buffers cost their first-touch page
-faults on every call. On 2 CPU cores this is 1.2-1.6x faster than compiled FlexAttention over the same plan
+faults on every call. On 2 CPU cores this is 1.2-1.7x faster than compiled FlexAttention over the same plan
 (docs/benchmarks.md) and needs no compilation. The grouping is built once per plan and kept in `plan.cache`.
 """
 
