@@ -71,12 +71,16 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     todo = cases(args.seq, args.head_dim, args.density, args.block, args.backend, args.heads, args.dtype)
-    results = [run_case(case, device, args.reps, args.warmup) for case in tqdm(todo, desc="bench kernels")]
-    print(f"device {device}, {torch.get_num_threads()} threads, {args.dtype}, median of {args.reps} rounds (dense, sparse, bare kernel in turn) after {args.warmup} warm-up")
+    results = []
+    for case in tqdm(todo, desc="bench kernels"):
+        results.append(run_case(case, device, args.reps, args.warmup))
+        if args.json:  # after every case: a run cut short keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    timer = "CUDA events" if torch.device(device).type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device}, {timer}, {args.dtype}, median of {args.reps} rounds (dense, sparse, bare kernel in turn) after {args.warmup} warm-up")
     print(format_table(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,7 +32,8 @@ class KernelCase:
     speedup: float = float("nan")
     actual_density: float = float("nan")
     bookkeeping_ms: float = float("nan")  # plan-to-kernel conversion once cached: run() minus the bare kernel
-    tflops: float | None = None  # over the computed blocks, on GPU
+    tflops: float | None = None  # sparse path, over the computed blocks (4 * S^2 * D * H * density), on GPU
+    dense_tflops: float | None = None  # dense SDPA, 4 * S^2 * D * H, on GPU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,8 +50,25 @@ def random_plan(seq: int, heads: int, block: int, density: float, generator: tor
     return AttentionPlan(seq_len=seq, layout=layout, block_size=block)
 
 
+def bare_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan):
+    """The Triton kernel's launch alone (`block_sparse.launcher`), checked bit for bit against `kernels.run`."""
+    from ..kernels.triton import block_sparse
+
+    launch = block_sparse.launcher(q, k, v, plan)
+    # It must compute what the sparse path does, or its time means nothing (plans with a token order differ).
+    if not torch.equal(launch()[0].transpose(1, 2), kernels.run(q, k, v, plan, backend="triton")):
+        raise RuntimeError("the bare Triton launch disagrees with kernels.run")
+    return launch
+
+
 def bare_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, backend: str):
     """The kernel call alone, its inputs laid out and its block structure built beforehand (None if unknown)."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda and kernels._triton_supports(plan, q, None, False)):
+        try:
+            return bare_triton(q, k, v, plan)
+        except Exception as exc:  # a timing aid only: without it the case reports no bookkeeping
+            warnings.warn(f"no bare Triton timing: {type(exc).__name__}: {exc}")
+            return None
     if backend == "gather" or (backend == "auto" and q.device.type == "cpu"):
         blocks, found = gather.block_rows(plan, q, k, v), gather.groups(plan, 1, q.shape[2], q.device)
         return lambda: gather.attend_blocks(*blocks, found, None)
@@ -64,7 +83,12 @@ def run_case(case: KernelCase, device: str, reps: int, warmup: int, seed: int = 
     """Time dense SDPA, the sparse path and its bare kernel on the same inputs, in interleaved rounds, in one process."""
     gen = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)
-    q, k, v = (torch.randn(1, case.seq, case.heads, case.head_dim, generator=gen).to(device, dtype) for _ in range(3))
+    shape = (1, case.seq, case.heads, case.head_dim)
+    if torch.device(device).type == "cuda":  # drawn where they are used: on the host, 100s of MB take seconds
+        dev_gen = torch.Generator(device).manual_seed(seed)
+        q, k, v = (torch.randn(shape, generator=dev_gen, device=device, dtype=dtype) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
     plan = random_plan(case.seq, case.heads, case.block, case.density, gen)
     plan = AttentionPlan(seq_len=plan.seq_len, layout=plan.layout.to(device), block_size=plan.block_size)
     qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
@@ -83,8 +107,9 @@ def run_case(case: KernelCase, device: str, reps: int, warmup: int, seed: int = 
     case.bookkeeping_ms = (statistics.median(s - b for s, b in zip(times["sparse"], times["bare"])) * 1e3
                            if bare is not None else float("nan"))
     if torch.device(device).type == "cuda":
-        flops = 4 * case.seq**2 * case.head_dim * case.heads * plan.density
-        case.tflops = flops / sparse_s / 1e12
+        flops = 4 * case.seq**2 * case.head_dim * case.heads
+        case.tflops = flops * plan.density / sparse_s / 1e12
+        case.dense_tflops = flops / dense_s / 1e12
     return case
 
 
@@ -99,12 +124,14 @@ def cases(seqs, head_dims, densities, blocks, backends, heads: int, dtype: str) 
 def format_table(results: list[KernelCase]) -> str:
     """A plain-text table of the results."""
     gpu = any(r.tflops is not None for r in results)
+    ms_digits = 3 if gpu else 1  # GPU kernels take fractions of a millisecond
     head = f"{'seq':>6} {'D':>4} {'H':>3} {'block':>5} {'backend':>9} {'density':>7} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'bookkeep':>8}"
-    head += f" {'TFLOP/s':>8}" if gpu else ""
+    head += f" {'dense TF/s':>10} {'sparse TF/s':>11}" if gpu else ""
     lines = [head, "-" * len(head)]
     for r in results:
         line = (f"{r.seq:>6} {r.head_dim:>4} {r.heads:>3} {r.block:>5} {r.backend:>9} {r.actual_density:>7.3f} "
-                f"{r.dense_ms:>9.1f} {r.sparse_ms:>9.1f} {r.speedup:>6.2f}x {100 * r.bookkeeping_ms / r.sparse_ms:>7.1f}%")
-        line += f" {r.tflops:>8.1f}" if gpu else ""
+                f"{r.dense_ms:>9.{ms_digits}f} {r.sparse_ms:>9.{ms_digits}f} {r.speedup:>6.2f}x "
+                f"{100 * r.bookkeeping_ms / r.sparse_ms:>7.1f}%")
+        line += f" {r.dense_tflops:>10.1f} {r.tflops:>11.1f}" if gpu else ""
         lines.append(line)
     return "\n".join(lines)

@@ -19,6 +19,7 @@ UPCAST there and every bf16 load is converted to fp32 at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -206,20 +207,14 @@ def heads_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def block_sparse_attention(
+def launcher(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float | None = None,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sparse attention as the plan prescribes, with the block-sparse Triton kernel.
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Everything `block_sparse_attention` does before the kernel, done now; returns the launch alone.
 
-    Args:
-        q, k, v: (B, S, H, D) with `accepts(D, dtype)`: fp16 or bf16 and D in {64, 128} on CUDA; under
-            TRITON_INTERPRET=1 CPU tensors, also fp32 and D in {16, 32}.
-        plan: fixed or variable blocks, any token order, head modes and quant mode, broadcastable to (B, H).
-        scale: softmax scale, default D ** -0.5.
-    Returns:
-        (B, S, H, D) in q's dtype, and with `return_lse` the natural-log LSE of the scaled scores,
-        float32 (B, H, S) (-inf for skipped heads).
+    The callable launches the kernel and returns its output (B, H, S, D) and LSE (B, H, S) as the kernel writes
+    them, in the plan's token order, before `finish`. Calling it again overwrites the same buffers: what
+    `sparse-dit bench` times as the bare kernel.
     """
     bsz, seq, heads, dim = q.shape
     scale = dim**-0.5 if scale is None else scale
@@ -238,14 +233,36 @@ def block_sparse_attention(
         n_tiles = triton.cdiv(seq, cfg.block_m)
     out = torch.empty(bsz, seq, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(bsz, heads, seq, dtype=torch.float32, device=q.device)
-    _block_sparse_fwd[(n_tiles, bsz * heads)](
-        qh, kh, vh, out, lse,
-        lse if q_scale is None else q_scale, lse if k_scale is None else k_scale,
-        csr.row_ptr, csr.cols, tiles, k_bounds,
-        *qh.stride()[:3], *kh.stride()[:3], *vh.stride()[:3], *out.stride()[:3],
-        seq, heads, csr.plan_batch, csr.plan_heads, nq, nk, n_tiles, scale * LOG2E,
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    kernel = _block_sparse_fwd[(n_tiles, bsz * heads)]
+    args = (qh, kh, vh, out, lse, lse if q_scale is None else q_scale, lse if k_scale is None else k_scale,
+            csr.row_ptr, csr.cols, tiles, k_bounds,
+            *qh.stride()[:3], *kh.stride()[:3], *vh.stride()[:3], *out.stride()[:3],
+            seq, heads, csr.plan_batch, csr.plan_heads, nq, nk, n_tiles, scale * LOG2E)
+    options = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def launch() -> tuple[torch.Tensor, torch.Tensor]:
+        kernel(*args, **options)
+        return out, lse
+
+    return launch
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention as the plan prescribes, with the block-sparse Triton kernel.
+
+    Args:
+        q, k, v: (B, S, H, D) with `accepts(D, dtype)`: fp16 or bf16 and D in {64, 128} on CUDA; under
+            TRITON_INTERPRET=1 CPU tensors, also fp32 and D in {16, 32}.
+        plan: fixed or variable blocks, any token order, head modes and quant mode, broadcastable to (B, H).
+        scale: softmax scale, default D ** -0.5.
+    Returns:
+        (B, S, H, D) in q's dtype, and with `return_lse` the natural-log LSE of the scaled scores,
+        float32 (B, H, S) (-inf for skipped heads).
+    """
+    out, lse = launcher(q, k, v, plan, scale=scale)()
     out, lse = finish(plan, out, lse if return_lse else None)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
