@@ -41,13 +41,12 @@ def test_it_learned_to_denoise_its_clips(pipe):
     t = 0.5
     xt = (1 - t) * x0 + t * torch.randn(x0.shape, generator=gen)
 
-    def error(transformer):
+    def error(model):
         with torch.no_grad():
-            v = transformer(hidden_states=xt, timestep=torch.full((2,), t * 1000), return_dict=False,
-                            encoder_hidden_states=pipe.encode_prompt(captions))[0]
+            v = model.velocity(xt, torch.full((2,), t * 1000), model.encode_prompt(captions))
         return float(((xt - t * v - x0) ** 2).mean())
 
-    trained, untrained = error(pipe.transformer), error(untrained_copy(pipe).transformer)
+    trained, untrained = error(pipe), error(untrained_copy(pipe))
     assert trained < 0.1 * untrained, (trained, untrained)
 
 

@@ -26,8 +26,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for stale in (out / "results.json", out / "videos"):  # a demo is one fresh comparison, never resumed
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    call = {"num_frames": args.num_frames, "height": args.height, "width": args.width,
-            "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+    call = {"num_frames": args.num_frames, "height": args.height, "width": args.width, "num_inference_steps": args.steps,
+            **({"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {})}
     settings = EvalSettings(out=out, methods=[args.method], prompts=[args.prompt], call_kwargs=call, reps=1, warmup=1)
     evaluation = Evaluation(pipe, settings)
     print(f"sparse-dit demo: the shipped demo model, {args.num_frames}x{args.height}x{args.width} pixels, "
@@ -124,8 +124,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe, description = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()] if args.prompts else list(DEFAULT_PROMPTS)
-    call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+    call = {"num_inference_steps": args.steps}
     call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    if args.guidance_scale is not None:
+        call["guidance_scale"] = args.guidance_scale
     settings = EvalSettings(
         out=Path(args.out), methods=args.methods, configs=_parse_configs(args.config), prompts=prompts,
         seeds=args.seeds, call_kwargs=call, reps=args.reps, warmup=args.warmup,
@@ -142,7 +144,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo.train import DEFAULT_STAGES, Stage, train_demo
 
     stages = [Stage.parse(s) for s in (args.stages or DEFAULT_STAGES).split(",")]
-    summary = train_demo(Path(args.out), stages, seed=args.seed, lr=args.lr)
+    summary = train_demo(Path(args.out), stages, seed=args.seed, lr=args.lr, device=args.device)
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
     return 0
@@ -152,9 +154,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from sparse_dit.evals.locality_report import write_locality_report
 
     pipe, description = load_pipeline(args.pipeline)
-    call = {"prompt": args.prompt, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+    call = {"prompt": args.prompt, "num_inference_steps": args.steps,
             "generator": torch.Generator().manual_seed(args.seed), "output_type": "pt"}
     call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    if args.guidance_scale is not None:
+        call["guidance_scale"] = args.guidance_scale
     steps = args.sample_steps or [args.steps // 2]
     write_locality_report(pipe, Path(args.out), call, steps=steps, window=tuple(args.window), rows=args.rows,
                           heads=args.maps, compare_untrained=not args.no_untrained, seed=args.seed)
@@ -167,6 +171,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 def cmd_score_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo import load_demo_pipeline
     from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate, predictions_by_noise
+    from sparse_dit.pipelines.demo.pipeline import DEFAULT_GUIDANCE
 
     pipe = load_demo_pipeline(args.path)
     pipe.set_progress_bar_config(disable=True)
@@ -178,8 +183,8 @@ def cmd_score_demo(args: argparse.Namespace) -> int:
         report["x0_mse_by_noise"] = errors
         print(f"clean-clip predictions by noise level -> {args.noise_figure}; MSE: "
               + ", ".join(f"t={t}: {e:.4f}" for t, e in errors.items()))
-    call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
-            "num_frames": args.num_frames, "height": args.size, "width": args.size}
+    call = {"num_inference_steps": args.steps, "num_frames": args.num_frames, "height": args.size, "width": args.size,
+            "guidance_scale": args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE}
     report["call"] = call
     for name, captions, seeds in (("seen", CAPTIONS, args.seeds), ("held_out", HELD_OUT_CAPTIONS, args.held_out_seeds)):
         if not seeds:
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-frames", type=int, default=16)
     demo.add_argument("--height", type=int, default=64)
     demo.add_argument("--width", type=int, default=64)
-    demo.add_argument("--guidance-scale", type=float, default=4.5)
+    demo.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
@@ -238,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--height", type=int, default=None)
     ev.add_argument("--width", type=int, default=None)
     ev.add_argument("--steps", type=int, default=10)
-    ev.add_argument("--guidance-scale", type=float, default=5.0)
+    ev.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     ev.add_argument("--reps", type=int, default=1, help="timed repetitions per video (median)")
     ev.add_argument("--warmup", type=int, default=1, help="untimed generations per method before timing")
     ev.add_argument("--out", required=True, help="output folder; rerunning skips finished items")
@@ -250,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--seed", type=int, default=0)
     att.add_argument("--steps", type=int, default=20, help="denoising steps of the run")
     att.add_argument("--sample-steps", type=_csv(int), default=None, help="steps to sample (default: the middle one)")
-    att.add_argument("--guidance-scale", type=float, default=4.5)
+    att.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     att.add_argument("--num-frames", type=int, default=None)
     att.add_argument("--height", type=int, default=None)
     att.add_argument("--width", type=int, default=None)
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seeds", type=int, default=20, help="new seeds per caption (1000, 1001, ...)")
     score.add_argument("--held-out-seeds", type=int, default=20, help="seeds per held-out caption (0 skips them)")
     score.add_argument("--steps", type=int, default=20)
-    score.add_argument("--guidance-scale", type=float, default=4.5)
+    score.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     score.add_argument("--num-frames", type=int, default=16)
     score.add_argument("--size", type=int, default=64)
     score.add_argument("--batch", type=int, default=10, help="clips generated per pipeline call")
@@ -279,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder to save the pipeline to (save_pretrained)")
     train.add_argument("--stages", default=None,
                        help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order (default: those of the "
-                       "shipped weights, 4x64:8:900,8x64:4:300,16x64:2:700)")
+                       "shipped weights, sparse_dit.pipelines.demo.train.DEFAULT_STAGES)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
     train.set_defaults(func=cmd_train_demo)
 
     methods = sub.add_parser("methods", help="list the registered sparse attention methods and their options")

@@ -146,13 +146,13 @@ def _coverage(shape: str, xs: torch.Tensor, ys: torch.Tensor, cx: torch.Tensor, 
     return (0.5 - dist).clamp(0, 1)
 
 
-JITTER = 0.1  # of the shorter side: how far a path's centre may sit from its anchor
+JITTER = 0.02  # of the shorter side: how far a path's centre may sit from its anchor
 
 
 def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """Render a clip: (T, 3, H, W) float in [0, 1].
 
-    Objects have a size of 12-16% of the shorter side and travel about 45% of it over the clip. Each path
+    Objects have a size of 13-15% of the shorter side and travel 43-47% of it over the clip. Each path
     is centred on an anchor (the frame's centre for one object; the upper and lower thirds for two),
     jittered by up to JITTER of the side and kept inside the frame. Anchored paths keep the task small
     enough for a CPU-trained model: where an object is follows from its caption, up to the jitter, so the
@@ -163,8 +163,8 @@ def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torc
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
     anchors = [0.5] if len(spec.objects) == 1 else [1 / 3, 2 / 3]
     for obj, anchor in zip(spec.objects, anchors):
-        r = side * (0.12 + 0.04 * float(torch.rand(1, generator=generator)))
-        travel = side * (0.40 + 0.10 * float(torch.rand(1, generator=generator)))
+        r = side * (0.13 + 0.02 * float(torch.rand(1, generator=generator)))
+        travel = side * (0.43 + 0.04 * float(torch.rand(1, generator=generator)))
         vx, vy = (travel * c for c in MOTIONS[obj.motion])
         jx, jy = (JITTER * side * (2 * float(torch.rand(1, generator=generator)) - 1) for _ in range(2))
         margin = r + 1

@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .clips import parse_caption, render
+from .pipeline import MIN_SIGMA
 from .score import clip_passes
 
 CAPTIONS = (  # seen in training
@@ -41,7 +42,7 @@ class PassRate:
 
 def pass_rate(pipe, captions=CAPTIONS, seeds: int = 20, batch: int = 10, **call) -> PassRate:
     """Generate `seeds` clips per caption (seeds 1000.. so they are new), `batch` per call, and score them."""
-    call = {"num_inference_steps": 20, "guidance_scale": 4.5, **call, "output_type": "pt"}
+    call = {"num_inference_steps": 20, **call, "output_type": "pt"}
     results = {}
     bar = tqdm(total=len(captions) * seeds, desc="scoring", unit="clip")
     for caption in captions:
@@ -66,7 +67,7 @@ def predictions_by_noise(
     """What the model predicts as the clean clip from one noisy clip at several noise levels.
 
     Renders a 16 x 64 x 64 clip of `caption`, noises it to each t in `levels` and takes the one-step
-    prediction x0 = x_t - t * v (conditional, no guidance). Returns an image (rows: the clip, then one row
+    prediction x0 = x_t - max(t, MIN_SIGMA) v (conditional, no guidance). Returns an image (rows: the clip, then one row
     per level; columns: `frames`; each pixel `scale` x `scale`) and the MSE of each prediction in [-1, 1] units.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -76,9 +77,7 @@ def predictions_by_noise(
     rows, errors = [x0], {}
     for t in levels:
         xt = (1 - t) * x0 + t * noise
-        v = pipe.transformer(hidden_states=xt, timestep=torch.tensor([t * 1000.0]),
-                             encoder_hidden_states=text, return_dict=False)[0]
-        pred = xt - t * v
+        pred = xt - max(t, MIN_SIGMA) * pipe.velocity(xt, torch.tensor([t * 1000.0]), text)
         errors[t] = float(((pred - x0) ** 2).mean())
         rows.append(pred)
     tiles = [[((r[0, :, f].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy() for f in frames] for r in rows]

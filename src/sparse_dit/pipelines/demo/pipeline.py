@@ -1,8 +1,14 @@
 """`ShapesVideoPipeline`: the embedded demo model, a diffusers `DiffusionPipeline` over `WanTransformer3DModel`.
 
-Pixel space (no VAE): a clip of F frames of H x W pixels is the transformer's (3, F, H, W) input, patched
+Pixel space (no VAE): a clip of F frames of H x W pixels is the (3, F, H, W) latent the transformer denoises, patched
 (1, 4, 4), so the default 16 x 64 x 64 clip is 16 x 16 x 16 = 4096 video tokens. Text is a tiny T5 encoder
 over a word-level tokenizer of the caption vocabulary, both built in code and saved with the pipeline.
+
+Two departures from a stock Wan model, both because a 4-layer model trained for an hour on 2 CPU cores needs
+them (docs/demo_model.md has the experiments): the transformer also reads three coordinate planes (x, y and
+time in [-1, 1]), so a token knows where in the clip it sits without inferring it from RoPE, and it predicts
+the clean clip x0 rather than the velocity; `ShapesVideoPipeline.velocity` converts, so the scheduler sees
+the usual flow-matching velocity.
 """
 
 from __future__ import annotations
@@ -22,6 +28,21 @@ from .clips import VOCABULARY, parse_caption
 
 MAX_TOKENS = 12  # "a red circle moving up left and a blue square staying still" is 12 words
 PATCH = (1, 4, 4)
+CHANNELS = 3  # RGB; the transformer reads 3 more, the coordinate planes
+SHIFT = 2.0  # the scheduler's timestep shift, and the shift of the noise levels training draws
+MIN_SIGMA = 0.05  # v = (x_t - x0) / t is taken with t at least this, where x0 predictions make v blow up
+# An x0-predicting model draws compact objects without guidance, and guidance above ~3 swells them
+# (docs/demo_model.md); without it a step costs half as much.
+DEFAULT_GUIDANCE = 1.0
+
+
+def coordinate_planes(times: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """x, y and time planes in [-1, 1]: (3, F, H, W) for `times` (F,), or (B, 3, F, H, W) for (B, F)."""
+    ys, xs = torch.linspace(-1, 1, height, device=times.device), torch.linspace(-1, 1, width, device=times.device)
+    shape = (*times.shape, height, width)
+    planes = torch.stack([xs.view(1, width).expand(shape), ys.view(height, 1).expand(shape),
+                          times[..., None, None].expand(shape)])
+    return planes.movedim(0, -4)
 
 
 @dataclass
@@ -40,7 +61,7 @@ def build_components(heads: int = 4, head_dim: int = 32, layers: int = 4, seed: 
     config.num_layers, config.vocab_size = 1, len(VOCABULARY) + 4
     text_encoder = T5EncoderModel(config).eval()
     transformer = WanTransformer3DModel(
-        patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=3, out_channels=3,
+        patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=CHANNELS + 3, out_channels=CHANNELS,
         text_dim=config.d_model, freq_dim=256, ffn_dim=4 * heads * head_dim, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
     )
@@ -48,7 +69,7 @@ def build_components(heads: int = 4, head_dim: int = 32, layers: int = 4, seed: 
         "tokenizer": word_tokenizer(VOCABULARY, model_max_length=MAX_TOKENS),
         "text_encoder": text_encoder,
         "transformer": transformer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=2.0),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=SHIFT),
     }
 
 
@@ -73,6 +94,23 @@ class ShapesVideoPipeline(DiffusionPipeline):
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         return hidden * mask[..., None]  # padding contributes nothing, as in Wan's zero-padded text
 
+    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 times: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow-matching velocity noise - x0 at noisy clips `latents` (B, 3, F, H, W).
+
+        timestep: (B,) in [0, 1000], the noise level t times 1000; text: (B, MAX_TOKENS, d) from `encode_prompt`;
+        times: the clip time of each frame in [-1, 1], (F,) or (B, F) (default: evenly spaced, the whole clip).
+        The transformer predicts x0; v = (x_t - x0) / t is the velocity that prediction implies.
+        """
+        b, _, f, h, w = latents.shape
+        if times is None:
+            times = torch.linspace(-1, 1, f, device=latents.device)
+        planes = coordinate_planes(times.to(latents.device, latents.dtype), h, w).expand(b, 3, f, h, w)
+        clean = self.transformer(hidden_states=torch.cat([latents, planes], dim=1), timestep=timestep,
+                                 encoder_hidden_states=text, return_dict=False)[0]
+        sigma = (timestep.to(latents.dtype) / 1000).clamp_min(MIN_SIGMA).view(-1, 1, 1, 1, 1)
+        return (latents - clean) / sigma
+
     def check_size(self, num_frames: int, height: int, width: int) -> None:
         """Raise for sizes the patching cannot take, naming the nearest valid ones."""
         _, ph, pw = PATCH
@@ -92,7 +130,7 @@ class ShapesVideoPipeline(DiffusionPipeline):
         height: int = 64,
         width: int = 64,
         num_inference_steps: int = 20,
-        guidance_scale: float = 4.5,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -109,7 +147,7 @@ class ShapesVideoPipeline(DiffusionPipeline):
         text = self.encode_prompt(prompts + negatives if cfg else prompts)
         batch = len(prompts)
         # One generator per prompt gives every clip the noise it would get alone, so batching changes nothing.
-        latents = randn_tensor((batch, 3, num_frames, height, width), generator=generator, device=torch.device("cpu"),
+        latents = randn_tensor((batch, CHANNELS, num_frames, height, width), generator=generator, device=torch.device("cpu"),
                                dtype=torch.float32).to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
@@ -118,8 +156,7 @@ class ShapesVideoPipeline(DiffusionPipeline):
                 self._current_timestep = t
                 model_in = torch.cat([latents, latents]) if cfg else latents
                 with self.transformer.cache_context("cond_uncond" if cfg else "cond"):
-                    pred = self.transformer(hidden_states=model_in, timestep=t.expand(model_in.shape[0]),
-                                            encoder_hidden_states=text, return_dict=False)[0]
+                    pred = self.velocity(model_in, t.expand(model_in.shape[0]), text)
                 if cfg:
                     cond, uncond = pred.chunk(2)
                     pred = uncond + guidance_scale * (cond - uncond)

@@ -45,5 +45,6 @@ def object_passes(video: torch.Tensor, obj: ShapeSpec) -> bool:
 
 
 def clip_passes(video: torch.Tensor, spec: ClipSpec) -> bool:
-    """Every object of the caption passes. video: (T, 3, H, W) in [0, 1]."""
+    """Every object of the caption passes. video: (T, 3, H, W) in [0, 1], on any device."""
+    video = video.detach().cpu()
     return all(object_passes(video, obj) for obj in spec.objects)
