@@ -27,7 +27,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for stale in (out / "results.json", out / "videos"):  # a demo is one fresh comparison, never resumed
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     call = {"num_frames": args.num_frames, "height": args.height, "width": args.width, "num_inference_steps": args.steps,
-            **({"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {})}
+            **_given(guidance_scale=args.guidance_scale)}
     settings = EvalSettings(out=out, methods=[args.method], prompts=[args.prompt], call_kwargs=call, reps=1, warmup=1)
     evaluation = Evaluation(pipe, settings)
     print(f"sparse-dit demo: the shipped demo model, {args.num_frames}x{args.height}x{args.width} pixels, "
@@ -58,6 +58,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{name:10s} {cls.description}")
         print(f"{'':10s} options: {', '.join(cls.config_cls.option_names())}")
     return 0
+
+
+def _given(**options):
+    """The options set on the command line (not None); the pipeline's own defaults apply to the rest."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _csv(kind):
@@ -126,8 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()] if args.prompts else list(DEFAULT_PROMPTS)
     call = {"num_inference_steps": args.steps}
     call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
-    if args.guidance_scale is not None:
-        call["guidance_scale"] = args.guidance_scale
+    call.update(_given(guidance_scale=args.guidance_scale))
     settings = EvalSettings(
         out=Path(args.out), methods=args.methods, configs=_parse_configs(args.config), prompts=prompts,
         seeds=args.seeds, call_kwargs=call, reps=args.reps, warmup=args.warmup,
@@ -157,8 +161,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     call = {"prompt": args.prompt, "num_inference_steps": args.steps,
             "generator": torch.Generator().manual_seed(args.seed), "output_type": "pt"}
     call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
-    if args.guidance_scale is not None:
-        call["guidance_scale"] = args.guidance_scale
+    call.update(_given(guidance_scale=args.guidance_scale))
     steps = args.sample_steps or [args.steps // 2]
     write_locality_report(pipe, Path(args.out), call, steps=steps, window=tuple(args.window), rows=args.rows,
                           heads=args.maps, compare_untrained=not args.no_untrained, seed=args.seed)
