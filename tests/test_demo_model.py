@@ -11,7 +11,7 @@ from sparse_dit.cli import main
 from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
 from sparse_dit.evals.locality_report import untrained_copy
 from sparse_dit.pipelines.demo.clips import parse_caption, render
-from sparse_dit.pipelines.demo.evaluate import predictions_by_noise
+from sparse_dit.pipelines.demo.evaluate import CAPTIONS, predictions_by_noise, sample_sheet
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
 
 MAX_BYTES = 25 * 2**20
@@ -75,3 +75,9 @@ def test_predictions_by_noise_figure(pipe):
     image, errors = predictions_by_noise(pipe, levels=(0.3, 0.98), frames=(0, 15))
     assert image.size == (2 * (2 * 64 + 2), 2 * (3 * 64 + 2 * 2))  # 2 frames wide; the clip and 2 levels tall
     assert errors[0.3] < errors[0.98]  # the less noise, the closer the prediction
+
+
+def test_sample_sheet(pipe):
+    captions = CAPTIONS[:2]
+    image = sample_sheet(pipe, captions, frames=(0, 3), scale=1, num_frames=4, height=32, width=32, num_inference_steps=2)
+    assert image.size == (2 * 32 + 2, 2 * (14 + 32))  # 2 frames wide; a label and a clip per caption

@@ -49,3 +49,19 @@ def test_bad_input(trained, tmp_path):
         run(trained, height=30)
     with pytest.raises(SparseDiTError, match="train-demo"):
         load_demo_pipeline(tmp_path)
+
+
+def test_coordinate_planes_with_fourier_features():
+    from sparse_dit.pipelines.demo.pipeline import coordinate_planes
+
+    times = torch.linspace(-1, 1, 3)
+    planes = coordinate_planes(times, 4, 8, frequencies=2)
+    assert planes.shape == (3 + 6 * 2, 3, 4, 8)
+    x, y, t = planes[:3]
+    assert torch.equal(x[0, 0], torch.linspace(-1, 1, 8)) and torch.equal(y[0, :, 0], torch.linspace(-1, 1, 4))
+    assert torch.equal(t[:, 0, 0], times)
+    # k = 1: sin then cos of 2 pi times each raw plane
+    assert torch.allclose(planes[9:12], torch.sin(2 * torch.pi * planes[:3]), atol=1e-6)
+    assert torch.allclose(planes[12:15], torch.cos(2 * torch.pi * planes[:3]), atol=1e-6)
+    batched = coordinate_planes(torch.stack([times, times.flip(0)]), 4, 8, frequencies=2)
+    assert batched.shape == (2, 15, 3, 4, 8) and torch.equal(batched[0], planes)

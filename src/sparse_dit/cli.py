@@ -173,7 +173,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_score_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo import load_demo_pipeline
-    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate, predictions_by_noise
+    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate, predictions_by_noise, sample_sheet
     from sparse_dit.pipelines.demo.pipeline import DEFAULT_GUIDANCE
 
     pipe = load_demo_pipeline(args.path)
@@ -189,6 +189,10 @@ def cmd_score_demo(args: argparse.Namespace) -> int:
     call = {"num_inference_steps": args.steps, "num_frames": args.num_frames, "height": args.size, "width": args.size,
             "guidance_scale": args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE}
     report["call"] = call
+    if args.samples_figure:
+        Path(args.samples_figure).parent.mkdir(parents=True, exist_ok=True)
+        sample_sheet(pipe, **call).save(args.samples_figure)
+        print(f"one clip per caption (seed 1000, frames 0, 5, 10, 15) -> {args.samples_figure}")
     for name, captions, seeds in (("seen", CAPTIONS, args.seeds), ("held_out", HELD_OUT_CAPTIONS, args.held_out_seeds)):
         if not seeds:
             continue
@@ -281,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", default=None, help="write the rates to this file")
     score.add_argument("--noise-figure", default=None,
                        help="also write a PNG of the model's clean-clip predictions from noise levels 0.3-0.98")
+    score.add_argument("--samples-figure", default=None,
+                       help="also write a PNG of one clip per caption (5 seen, 2 held out; seed 1000, frames 0, 5, 10, 15)")
     score.set_defaults(func=cmd_score_demo)
 
     train = sub.add_parser("train-demo", help="train the demo model from scratch on procedural clips (CPU)")
@@ -289,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order (default: those of the "
                        "shipped weights, sparse_dit.pipelines.demo.train.DEFAULT_STAGES)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
     train.set_defaults(func=cmd_train_demo)
 

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .clips import parse_caption, render
-from .pipeline import MIN_SIGMA
 from .score import clip_passes
 
 CAPTIONS = (  # seen in training
@@ -67,7 +66,7 @@ def predictions_by_noise(
     """What the model predicts as the clean clip from one noisy clip at several noise levels.
 
     Renders a 16 x 64 x 64 clip of `caption`, noises it to each t in `levels` and takes the one-step
-    prediction x0 = x_t - max(t, MIN_SIGMA) v (conditional, no guidance). Returns an image (rows: the clip, then one row
+    prediction `predict_clean` (conditional, no guidance). Returns an image (rows: the clip, then one row
     per level; columns: `frames`; each pixel `scale` x `scale`) and the MSE of each prediction in [-1, 1] units.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -77,7 +76,7 @@ def predictions_by_noise(
     rows, errors = [x0], {}
     for t in levels:
         xt = (1 - t) * x0 + t * noise
-        pred = xt - max(t, MIN_SIGMA) * pipe.velocity(xt, torch.tensor([t * 1000.0]), text)
+        pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), text)
         errors[t] = float(((pred - x0) ** 2).mean())
         rows.append(pred)
     tiles = [[((r[0, :, f].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy() for f in frames] for r in rows]
@@ -86,3 +85,21 @@ def predictions_by_noise(
     hgap = np.full((2, lines[0].shape[1], 3), 255, np.uint8)
     grid = np.concatenate([x for line in lines for x in (line, hgap)][:-1], axis=0)
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST), errors
+
+
+@torch.no_grad()
+def sample_sheet(pipe, captions=CAPTIONS + HELD_OUT_CAPTIONS[:2], seed: int = 1000, frames: tuple[int, ...] = (0, 5, 10, 15),
+                 scale: int = 2, **call) -> Image.Image:
+    """One generated clip per caption from the same seed: a labelled row per caption, a column per frame in `frames`."""
+    call = {"num_inference_steps": 20, **call, "output_type": "pt"}
+    videos = pipe(prompt=list(captions), generator=[torch.Generator().manual_seed(seed) for _ in captions], **call).frames
+    rows = []
+    for caption, video in zip(captions, videos):
+        tiles = [(video[f].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy() for f in frames]
+        gap = np.full((tiles[0].shape[0], 2, 3), 255, np.uint8)
+        row = np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1)
+        row = np.asarray(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST))
+        label = Image.new("RGB", (row.shape[1], 14), "white")
+        ImageDraw.Draw(label).text((2, 1), caption, fill="black")
+        rows.append(np.concatenate([np.asarray(label), row], axis=0))
+    return Image.fromarray(np.concatenate(rows, axis=0))

@@ -5,14 +5,15 @@ Pixel space (no VAE): a clip of F frames of H x W pixels is the (3, F, H, W) lat
 over a word-level tokenizer of the caption vocabulary, both built in code and saved with the pipeline.
 
 Two departures from a stock Wan model, both because a 4-layer model trained for an hour on 2 CPU cores needs
-them (docs/demo_model.md has the experiments): the transformer also reads three coordinate planes (x, y and
-time in [-1, 1]), so a token knows where in the clip it sits without inferring it from RoPE, and it predicts
-the clean clip x0 rather than the velocity; `ShapesVideoPipeline.velocity` converts, so the scheduler sees
-the usual flow-matching velocity.
+them (docs/demo_model.md has the experiments): the transformer also reads coordinate planes (x, y and time in
+[-1, 1], with their sines and cosines at 4 frequencies: 27 channels), so a token knows where in the clip it sits
+without inferring it from RoPE, and it predicts the clean clip x0 (`ShapesVideoPipeline.predict_clean`) rather
+than the velocity; `ShapesVideoPipeline.velocity` converts, so the scheduler sees the usual flow-matching velocity.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,13 +37,19 @@ MIN_SIGMA = 0.05  # v = (x_t - x0) / t is taken with t at least this, where x0 p
 DEFAULT_GUIDANCE = 1.0
 
 
-def coordinate_planes(times: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """x, y and time planes in [-1, 1]: (3, F, H, W) for `times` (F,), or (B, 3, F, H, W) for (B, F)."""
+def coordinate_planes(times: torch.Tensor, height: int, width: int, frequencies: int = 0) -> torch.Tensor:
+    """x, y and time planes in [-1, 1], then sin and cos of pi 2^k times each for k < `frequencies`.
+
+    Returns (3 + 6 * frequencies, F, H, W) for `times` (F,), or (B, 3 + 6 * frequencies, F, H, W) for (B, F).
+    """
     ys, xs = torch.linspace(-1, 1, height, device=times.device), torch.linspace(-1, 1, width, device=times.device)
     shape = (*times.shape, height, width)
     planes = torch.stack([xs.view(1, width).expand(shape), ys.view(height, 1).expand(shape),
                           times[..., None, None].expand(shape)])
-    return planes.movedim(0, -4)
+    # Fourier features: an MLP over raw coordinates learns smooth functions of position first (spectral bias),
+    # and a sharp shape at a caption-given place is not one.
+    waves = [f(math.pi * 2**k * planes) for k in range(frequencies) for f in (torch.sin, torch.cos)]
+    return torch.cat([planes, *waves]).movedim(0, -4)
 
 
 @dataclass
@@ -52,8 +59,8 @@ class ShapesVideoPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray
 
 
-def build_components(heads: int = 4, head_dim: int = 32, layers: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Untrained components of the demo pipeline."""
+def build_components(heads: int = 2, head_dim: int = 64, layers: int = 4, frequencies: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Untrained components of the demo pipeline; the transformer reads `coordinate_planes(..., frequencies)`."""
     from transformers import T5EncoderModel
 
     torch.manual_seed(seed)
@@ -61,7 +68,7 @@ def build_components(heads: int = 4, head_dim: int = 32, layers: int = 4, seed: 
     config.num_layers, config.vocab_size = 1, len(VOCABULARY) + 4
     text_encoder = T5EncoderModel(config).eval()
     transformer = WanTransformer3DModel(
-        patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=CHANNELS + 3, out_channels=CHANNELS,
+        patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=CHANNELS + 3 + 6 * frequencies, out_channels=CHANNELS,
         text_dim=config.d_model, freq_dim=256, ffn_dim=4 * heads * head_dim, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
     )
@@ -94,20 +101,26 @@ class ShapesVideoPipeline(DiffusionPipeline):
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         return hidden * mask[..., None]  # padding contributes nothing, as in Wan's zero-padded text
 
-    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                 times: torch.Tensor | None = None) -> torch.Tensor:
-        """The flow-matching velocity noise - x0 at noisy clips `latents` (B, 3, F, H, W).
+    def predict_clean(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                      times: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer's prediction of the clean clip x0 (B, 3, F, H, W) from noisy clips `latents` (B, 3, F, H, W).
 
         timestep: (B,) in [0, 1000], the noise level t times 1000; text: (B, MAX_TOKENS, d) from `encode_prompt`;
         times: the clip time of each frame in [-1, 1], (F,) or (B, F) (default: evenly spaced, the whole clip).
-        The transformer predicts x0; v = (x_t - x0) / t is the velocity that prediction implies.
         """
         b, _, f, h, w = latents.shape
         if times is None:
             times = torch.linspace(-1, 1, f, device=latents.device)
-        planes = coordinate_planes(times.to(latents.device, latents.dtype), h, w).expand(b, 3, f, h, w)
-        clean = self.transformer(hidden_states=torch.cat([latents, planes], dim=1), timestep=timestep,
-                                 encoder_hidden_states=text, return_dict=False)[0]
+        frequencies = (self.transformer.config.in_channels - CHANNELS - 3) // 6
+        planes = coordinate_planes(times.to(latents.device, latents.dtype), h, w, frequencies)
+        return self.transformer(hidden_states=torch.cat([latents, planes.expand(b, -1, f, h, w)], dim=1), timestep=timestep,
+                                encoder_hidden_states=text, return_dict=False)[0]
+
+    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 times: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow-matching velocity noise - x0 implied by `predict_clean` (same arguments and shape):
+        v = (x_t - x0) / max(t, MIN_SIGMA)."""
+        clean = self.predict_clean(latents, timestep, text, times)
         sigma = (timestep.to(latents.dtype) / 1000).clamp_min(MIN_SIGMA).view(-1, 1, 1, 1, 1)
         return (latents - clean) / sigma
 
