@@ -58,6 +58,14 @@ def pass_rate(pipe, captions=CAPTIONS, seeds: int = 20, batch: int = 10, **call)
     return PassRate(results)
 
 
+def _strip(frames: list[torch.Tensor], scale: int) -> np.ndarray:
+    """(H, W, 3) frames in [0, 1] side by side with 2-pixel white gaps, each pixel `scale` x `scale`: uint8 array."""
+    tiles = [(f.clamp(0, 1) * 255).round().byte().cpu().numpy() for f in frames]
+    gap = np.full((tiles[0].shape[0], 2, 3), 255, np.uint8)
+    row = np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1)
+    return row.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 @torch.no_grad()
 def predictions_by_noise(
     pipe, caption: str = CAPTIONS[0], levels: tuple[float, ...] = (0.3, 0.6, 0.9, 0.98),
@@ -79,12 +87,9 @@ def predictions_by_noise(
         pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), text)
         errors[t] = float(((pred - x0) ** 2).mean())
         rows.append(pred)
-    tiles = [[((r[0, :, f].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy() for f in frames] for r in rows]
-    gap = np.full((64, 2, 3), 255, np.uint8)
-    lines = [np.concatenate([x for tile in line for x in (tile, gap)][:-1], axis=1) for line in tiles]
-    hgap = np.full((2, lines[0].shape[1], 3), 255, np.uint8)
-    grid = np.concatenate([x for line in lines for x in (line, hgap)][:-1], axis=0)
-    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST), errors
+    lines = [_strip([(r[0, :, f].permute(1, 2, 0) + 1) / 2 for f in frames], scale) for r in rows]
+    gap = np.full((2 * scale, lines[0].shape[1], 3), 255, np.uint8)
+    return Image.fromarray(np.concatenate([x for line in lines for x in (line, gap)][:-1], axis=0)), errors
 
 
 @torch.no_grad()
@@ -95,10 +100,7 @@ def sample_sheet(pipe, captions=CAPTIONS + HELD_OUT_CAPTIONS[:2], seed: int = 10
     videos = pipe(prompt=list(captions), generator=[torch.Generator().manual_seed(seed) for _ in captions], **call).frames
     rows = []
     for caption, video in zip(captions, videos):
-        tiles = [(video[f].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy() for f in frames]
-        gap = np.full((tiles[0].shape[0], 2, 3), 255, np.uint8)
-        row = np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1)
-        row = np.asarray(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST))
+        row = _strip([video[f].permute(1, 2, 0) for f in frames], scale)
         label = Image.new("RGB", (row.shape[1], 14), "white")
         ImageDraw.Draw(label).text((2, 1), caption, fill="black")
         rows.append(np.concatenate([np.asarray(label), row], axis=0))
