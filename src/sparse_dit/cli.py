@@ -61,7 +61,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _given(**options):
-    """The options set on the command line (not None); the pipeline's own defaults apply to the rest."""
+    """The options set on the command line (not None); the callee's own defaults apply to the rest."""
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -148,7 +148,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo.train import DEFAULT_STAGES, Stage, train_demo
 
     stages = [Stage.parse(s) for s in (args.stages or DEFAULT_STAGES).split(",")]
-    summary = train_demo(Path(args.out), stages, seed=args.seed, lr=args.lr, device=args.device)
+    summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, **_given(lr=args.lr))
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
     return 0
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order (default: those of the "
                        "shipped weights, sparse_dit.pipelines.demo.train.DEFAULT_STAGES)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: that of the shipped weights)")
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
     train.set_defaults(func=cmd_train_demo)
 
