@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from sparse_dit.pipelines.demo import train
-from sparse_dit.pipelines.demo.clips import parse_caption, render
-from sparse_dit.pipelines.demo.evaluate import CAPTIONS
+from sparse_dit.pipelines.demo.evaluate import CAPTIONS, clean_clip
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline, build_components
 
 
@@ -34,7 +33,7 @@ def clean_error(pipe: ShapesVideoPipeline, levels: tuple[float, ...] = (0.6, 0.9
         for i, caption in enumerate(CAPTIONS):
             for s in range(2):
                 gen = torch.Generator().manual_seed(100 + 10 * i + s)
-                x0 = render(parse_caption(caption), 16, 64, 64, gen).permute(1, 0, 2, 3)[None] * 2 - 1
+                x0 = clean_clip(caption, gen)
                 xt = (1 - t) * x0 + t * torch.randn(x0.shape, generator=gen)
                 pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), pipe.encode_prompt([caption]))
                 total.append(float(((pred - x0) ** 2).mean()))

@@ -43,8 +43,8 @@ def test_it_learned_to_denoise_its_clips(pipe):
 
     def error(model):
         with torch.no_grad():
-            v = model.velocity(xt, torch.full((2,), t * 1000), model.encode_prompt(captions))
-        return float(((xt - t * v - x0) ** 2).mean())
+            pred = model.predict_clean(xt, torch.full((2,), t * 1000), model.encode_prompt(captions))
+        return float(((pred - x0) ** 2).mean())
 
     trained, untrained = error(pipe), error(untrained_copy(pipe))
     assert trained < 0.1 * untrained, (trained, untrained)

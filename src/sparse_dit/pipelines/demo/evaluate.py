@@ -66,6 +66,11 @@ def _strip(frames: list[torch.Tensor], scale: int) -> np.ndarray:
     return row.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
+def clean_clip(caption: str, generator: torch.Generator) -> torch.Tensor:
+    """A rendered 16 x 64 x 64 clip of `caption` as the model sees it: (1, 3, F, H, W) in [-1, 1]."""
+    return render(parse_caption(caption), 16, 64, 64, generator).permute(1, 0, 2, 3)[None] * 2 - 1
+
+
 @torch.no_grad()
 def predictions_by_noise(
     pipe, caption: str = CAPTIONS[0], levels: tuple[float, ...] = (0.3, 0.6, 0.9, 0.98),
@@ -78,7 +83,7 @@ def predictions_by_noise(
     per level; columns: `frames`; each pixel `scale` x `scale`) and the MSE of each prediction in [-1, 1] units.
     """
     gen = torch.Generator().manual_seed(seed)
-    x0 = render(parse_caption(caption), 16, 64, 64, gen).permute(1, 0, 2, 3)[None] * 2 - 1  # (1, 3, F, H, W)
+    x0 = clean_clip(caption, gen)
     noise = torch.randn(x0.shape, generator=gen)
     text = pipe.encode_prompt([caption])
     rows, errors = [x0], {}
