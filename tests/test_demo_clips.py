@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_dit import ConfigError
-from sparse_dit.pipelines.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec, is_held_out, parse_caption, render, sample_spec
+from sparse_dit.pipelines.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec, is_held_out, parse_caption, render, render_with_coverage, sample_spec
 from sparse_dit.pipelines.demo.score import clip_passes
 
 
@@ -14,6 +14,17 @@ def test_rendering_is_deterministic_and_in_range():
     b = render(spec, 16, 64, 64, torch.Generator().manual_seed(1))
     assert a.shape == (16, 3, 64, 64) and torch.equal(a, b)
     assert 0 <= float(a.min()) and float(a.max()) <= 1
+
+
+def test_coverage_marks_the_object_pixels():
+    spec = parse_caption("a red circle moving left and a blue square staying still")
+    video, cover = render_with_coverage(spec, 16, 64, 64, torch.Generator().manual_seed(1))
+    assert torch.equal(video, render(spec, 16, 64, 64, torch.Generator().manual_seed(1)))
+    assert cover.shape == (16, 64, 64) and 0 <= float(cover.min()) and float(cover.max()) == 1
+    red, blue = (torch.tensor(COLOURS[c]).view(1, 3, 1, 1) for c in ("red", "blue"))
+    near = lambda colour: ((video - colour).norm(dim=1) < 0.05)  # noqa: E731
+    assert bool((cover[near(red) | near(blue)] > 0.9).all())
+    assert 0.04 < float((cover > 0.5).float().mean()) < 0.2  # two objects of 13-15% of the side
 
 
 def test_scorer_passes_ground_truth_and_fails_wrong_captions():

@@ -149,17 +149,12 @@ def _coverage(shape: str, xs: torch.Tensor, ys: torch.Tensor, cx: torch.Tensor, 
 JITTER = 0.02  # of the shorter side: how far a path's centre may sit from its anchor
 
 
-def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """Render a clip: (T, 3, H, W) float in [0, 1].
-
-    Objects have a size of 13-15% of the shorter side and travel 43-47% of it over the clip. Each path
-    is centred on an anchor (the frame's centre for one object; the upper and lower thirds for two),
-    jittered by up to JITTER of the side and kept inside the frame. Anchored paths keep the task small
-    enough for a CPU-trained model: where an object is follows from its caption, up to the jitter, so the
-    model learns shape, colour and motion rather than a uniform spread of positions.
-    """
+def render_with_coverage(spec: ClipSpec, frames: int, height: int, width: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`render`, and how much of each pixel the objects cover: (T, 3, H, W) and (T, H, W), both in [0, 1]."""
     side = min(height, width)
     video = _background(height, width, generator).expand(frames, 3, height, width).clone()
+    covered = torch.zeros(frames, height, width)
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
     anchors = [0.5] if len(spec.objects) == 1 else [1 / 3, 2 / 3]
     for obj, anchor in zip(spec.objects, anchors):
@@ -175,6 +170,19 @@ def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torc
         y0 = min(max(height * anchor - vy / 2 + jy, lo_y), hi_y)
         colour = torch.tensor(COLOURS[obj.colour]).view(1, 3, 1, 1)
         f = torch.linspace(0, 1, frames).view(frames, 1, 1)
-        alpha = _coverage(obj.shape, xs, ys, x0 + vx * f, y0 + vy * f, r)[:, None]
-        video = video * (1 - alpha) + colour * alpha
-    return video
+        alpha = _coverage(obj.shape, xs, ys, x0 + vx * f, y0 + vy * f, r)
+        video = video * (1 - alpha[:, None]) + colour * alpha[:, None]
+        covered = torch.maximum(covered, alpha)
+    return video, covered
+
+
+def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """Render a clip: (T, 3, H, W) float in [0, 1].
+
+    Objects have a size of 13-15% of the shorter side and travel 43-47% of it over the clip. Each path
+    is centred on an anchor (the frame's centre for one object; the upper and lower thirds for two),
+    jittered by up to JITTER of the side and kept inside the frame. Anchored paths keep the task small
+    enough for a CPU-trained model: where an object is follows from its caption, up to the jitter, so the
+    model learns shape, colour and motion rather than a uniform spread of positions.
+    """
+    return render_with_coverage(spec, frames, height, width, generator)[0]
