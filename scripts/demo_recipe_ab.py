@@ -1,8 +1,9 @@
 """Screen a change to the demo model's recipe in 10 minutes before spending 70 on it.
 
 Trains one variant briefly on one thread (run two side by side on the 2 cores, so both see the same
-machine), then prints the clean-clip MSE by noise level on 10 fixed 16-frame clips of the 5 seen captions:
-the error from high noise is what decides where sampling puts the object. Example (docs/demo_model.md,
+machine), then prints the clean-clip MSE by noise level on 10 fixed 16-frame clips of the 5 seen captions
+(the error from high noise is what decides where sampling puts the object) and `motion_from_noise`, how much
+of the captioned motion the prediction from pure noise holds. Example (docs/demo_model.md,
 "Fourier coordinates, two wider heads, a higher rate"):
 
     python scripts/demo_recipe_ab.py --out runs/base --stages 4x64:8:250 --model '{"frequencies": 0, "heads": 4, "head_dim": 32}' &
@@ -20,7 +21,7 @@ import torch
 
 from sparse_dit.pipelines.demo import train
 from sparse_dit.pipelines.demo.clips import parse_caption, render_with_coverage
-from sparse_dit.pipelines.demo.evaluate import CAPTIONS
+from sparse_dit.pipelines.demo.evaluate import CAPTIONS, motion_from_noise
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline, build_components
 
 
@@ -53,7 +54,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stages", default="4x64:8:250")
     parser.add_argument("--model", default="{}", help="build_components keyword arguments, as JSON")
-    parser.add_argument("--train", default="{}", help="train_demo keyword arguments (lr, ema), as JSON")
+    parser.add_argument("--train", default="{}", help="train_demo keyword arguments (lr, ema, noise_shift), as JSON")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evaluate-only", action="store_true", help="only measure the model already in --out")
     args = parser.parse_args()
@@ -63,6 +64,8 @@ if __name__ == "__main__":
     if not args.evaluate_only:
         summary = train.train_demo(args.out, [train.Stage.parse(s) for s in args.stages.split(",")], **json.loads(args.train))
         result = {"loss_last_50": summary["final_loss"], "minutes": summary["seconds"] / 60}
-    result["x0_mse"] = clean_error(ShapesVideoPipeline.from_pretrained(args.out))
+    pipe = ShapesVideoPipeline.from_pretrained(args.out)
+    result["x0_mse"] = clean_error(pipe)
+    result["motion_from_noise"] = motion_from_noise(pipe)
     (args.out / "ab.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

@@ -81,3 +81,25 @@ def test_sample_sheet(pipe):
     captions = CAPTIONS[:2]
     image = sample_sheet(pipe, captions, frames=(0, 3), scale=1, num_frames=4, height=32, width=32, num_inference_steps=2)
     assert image.size == (2 * 32 + 2, 2 * (14 + 32))  # 2 frames wide; a label and a clip per caption
+
+
+class _Oracle:
+    """A stand-in pipeline whose prediction from noise is a rendered clip of the caption, optionally played backwards."""
+
+    def __init__(self, backwards: bool = False):
+        self.backwards = backwards
+
+    def encode_prompt(self, captions):
+        return captions
+
+    def predict_clean(self, latents, timestep, captions):
+        clip = render(parse_caption(captions[0]), 16, 64, 64, torch.Generator().manual_seed(7))
+        clip = clip.flip(0) if self.backwards else clip
+        return clip.permute(1, 0, 2, 3)[None] * 2 - 1
+
+
+def test_motion_from_noise_measures_the_captioned_motion():
+    from sparse_dit.pipelines.demo.evaluate import motion_from_noise
+
+    assert motion_from_noise(_Oracle(), seeds=1) == pytest.approx(1.0, abs=0.15)  # paths differ only by the jitter
+    assert motion_from_noise(_Oracle(backwards=True), seeds=1) == pytest.approx(-1.0, abs=0.15)

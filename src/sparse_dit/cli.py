@@ -148,7 +148,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo.train import DEFAULT_STAGES, Stage, train_demo
 
     stages = [Stage.parse(s) for s in (args.stages or DEFAULT_STAGES).split(",")]
-    summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, **_given(lr=args.lr, object_weight=args.object_weight))
+    summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, **_given(lr=args.lr))
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
     return 0
@@ -173,7 +173,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_score_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo import load_demo_pipeline
-    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate, predictions_by_noise, sample_sheet
+    from sparse_dit.pipelines.demo.evaluate import (CAPTIONS, HELD_OUT_CAPTIONS, motion_from_noise, pass_rate,
+                                                    predictions_by_noise, sample_sheet)
     from sparse_dit.pipelines.demo.pipeline import DEFAULT_GUIDANCE
 
     pipe = load_demo_pipeline(args.path)
@@ -186,6 +187,8 @@ def cmd_score_demo(args: argparse.Namespace) -> int:
         report["x0_mse_by_noise"] = errors
         print(f"clean-clip predictions by noise level -> {args.noise_figure}; MSE: "
               + ", ".join(f"t={t}: {e:.4f}" for t, e in errors.items()))
+        report["motion_from_noise"] = motion_from_noise(pipe)
+        print(f"motion known from pure noise: {report['motion_from_noise']:.2f} of the captioned shift")
     call = {"num_inference_steps": args.steps, "num_frames": args.num_frames, "height": args.size, "width": args.size,
             "guidance_scale": args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE}
     report["call"] = call
@@ -296,8 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "shipped weights, sparse_dit.pipelines.demo.train.DEFAULT_STAGES)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: that of the shipped weights)")
-    train.add_argument("--object-weight", type=float, default=None,
-                       help="extra loss weight on pixels the objects cover (default: that of the shipped weights)")
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
     train.set_defaults(func=cmd_train_demo)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .clips import render_with_coverage, sample_spec
+from .clips import render, sample_spec
 from .pipeline import SHIFT, ShapesVideoPipeline, build_components
 
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
@@ -49,20 +49,17 @@ class Stage:
         return cls(int(frames), int(size), int(batch), int(steps))
 
 
-def _batch(stage: Stage, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Clips (B, 3, F, H, W) in [-1, 1], their object coverage (B, 1, F, H, W) in [0, 1], the clip time of
-    each frame (B, F), and captions."""
-    clips, covers, times, captions = [], [], [], []
+def _batch(stage: Stage, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Clips (B, 3, F, H, W) in [-1, 1], the clip time of each frame (B, F), and captions."""
+    clips, times, captions = [], [], []
     length = max(stage.frames, CLIP_FRAMES)
     for _ in range(stage.batch):
         spec = sample_spec(gen)
         start = int(torch.randint(length - stage.frames + 1, (1,), generator=gen))
-        video, cover = render_with_coverage(spec, length, stage.size, stage.size, gen)
-        clips.append(video[start : start + stage.frames])
-        covers.append(cover[start : start + stage.frames])
+        clips.append(render(spec, length, stage.size, stage.size, gen)[start : start + stage.frames])
         times.append(torch.linspace(-1, 1, length)[start : start + stage.frames])
         captions.append("" if float(torch.rand(1, generator=gen)) < CAPTION_DROPOUT else spec.caption)
-    return torch.stack(clips).permute(0, 2, 1, 3, 4) * 2 - 1, torch.stack(covers)[:, None], torch.stack(times), captions
+    return torch.stack(clips).permute(0, 2, 1, 3, 4) * 2 - 1, torch.stack(times), captions
 
 
 def _noise_levels(batch: int, gen: torch.Generator, shift: float = SHIFT) -> torch.Tensor:
@@ -72,7 +69,7 @@ def _noise_levels(batch: int, gen: torch.Generator, shift: float = SHIFT) -> tor
 
 
 def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, ema: float = 0.998,
-               object_weight: float = 0.0, noise_shift: float = SHIFT, device: str = "cpu") -> dict:
+               noise_shift: float = SHIFT, device: str = "cpu") -> dict:
     """Train, save the EMA weights as a pipeline with `save_pretrained` into `out`, and return the log.
 
     Data and noise are drawn on the CPU from one generator, so a seed gives the same batches on any device.
@@ -93,15 +90,14 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
     out = Path(out)
     for index, stage in enumerate(stages):
         for _ in range(stage.steps):
-            x0, cover, times, captions = _batch(stage, gen)
+            x0, times, captions = _batch(stage, gen)
             noise = torch.randn(x0.shape, generator=gen)
             t = _noise_levels(x0.shape[0], gen, noise_shift)
-            x0, cover, times, noise, t = (x.to(device) for x in (x0, cover, times, noise, t))
+            x0, times, noise, t = (x.to(device) for x in (x0, times, noise, t))
             sigma = t.view(-1, 1, 1, 1, 1)
             xt = (1 - sigma) * x0 + sigma * noise
             clean = pipe.predict_clean(xt, t * 1000, pipe.encode_prompt(captions), times=times)
-            weight = 1 + object_weight * cover
-            loss = (weight * (clean - x0) ** 2).mean() / weight.mean()
+            loss = torch.nn.functional.mse_loss(clean, x0)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
