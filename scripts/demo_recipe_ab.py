@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sparse_dit.pipelines.demo import train
-from sparse_dit.pipelines.demo.clips import parse_caption, render_with_coverage
+from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render_with_coverage
 from sparse_dit.pipelines.demo.evaluate import CAPTIONS, motion_from_noise
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline, build_components
 
@@ -37,7 +37,7 @@ def clean_error(pipe: ShapesVideoPipeline, levels: tuple[float, ...] = (0.6, 0.9
             for s in range(2):
                 gen = torch.Generator().manual_seed(100 + 10 * i + s)
                 video, cover = render_with_coverage(parse_caption(caption), 16, 64, 64, gen)
-                x0 = video.permute(1, 0, 2, 3)[None] * 2 - 1
+                x0 = as_latents(video)
                 xt = (1 - t) * x0 + t * torch.randn(x0.shape, generator=gen)
                 pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), pipe.encode_prompt([caption]))
                 error = (pred - x0) ** 2

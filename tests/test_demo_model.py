@@ -10,7 +10,7 @@ import sparse_dit
 from sparse_dit.cli import main
 from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
 from sparse_dit.evals.locality_report import untrained_copy
-from sparse_dit.pipelines.demo.clips import parse_caption, render
+from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render
 from sparse_dit.pipelines.demo.evaluate import CAPTIONS, predictions_by_noise, sample_sheet
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
 
@@ -95,7 +95,7 @@ class _Oracle:
     def predict_clean(self, latents, timestep, captions):
         clip = render(parse_caption(captions[0]), 16, 64, 64, torch.Generator().manual_seed(7))
         clip = clip.flip(0) if self.backwards else clip
-        return clip.permute(1, 0, 2, 3)[None] * 2 - 1
+        return as_latents(clip)
 
 
 def test_motion_from_noise_measures_the_captioned_motion():

@@ -176,6 +176,11 @@ def render_with_coverage(spec: ClipSpec, frames: int, height: int, width: int,
     return video, covered
 
 
+def as_latents(video: torch.Tensor) -> torch.Tensor:
+    """A rendered clip (T, 3, H, W) in [0, 1] as the model reads it: (1, 3, T, H, W) in [-1, 1]."""
+    return video.permute(1, 0, 2, 3)[None] * 2 - 1
+
+
 def render(spec: ClipSpec, frames: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """Render a clip: (T, 3, H, W) float in [0, 1].
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .clips import COLOURS, MOTIONS, parse_caption, render
+from .clips import COLOURS, MOTIONS, as_latents, parse_caption, render
 from .score import clip_passes
 
 CAPTIONS = (  # seen in training
@@ -68,7 +68,7 @@ def _strip(frames: list[torch.Tensor], scale: int) -> np.ndarray:
 
 def clean_clip(caption: str, generator: torch.Generator) -> torch.Tensor:
     """A rendered 16 x 64 x 64 clip of `caption` as the model sees it: (1, 3, F, H, W) in [-1, 1]."""
-    return render(parse_caption(caption), 16, 64, 64, generator).permute(1, 0, 2, 3)[None] * 2 - 1
+    return as_latents(render(parse_caption(caption), 16, 64, 64, generator))
 
 
 @torch.no_grad()

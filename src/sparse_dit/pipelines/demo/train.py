@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .clips import render, sample_spec
+from .clips import as_latents, render, sample_spec
 from .pipeline import SHIFT, ShapesVideoPipeline, build_components
 
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
@@ -59,7 +59,7 @@ def _batch(stage: Stage, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tens
         clips.append(render(spec, length, stage.size, stage.size, gen)[start : start + stage.frames])
         times.append(torch.linspace(-1, 1, length)[start : start + stage.frames])
         captions.append("" if float(torch.rand(1, generator=gen)) < CAPTION_DROPOUT else spec.caption)
-    return torch.stack(clips).permute(0, 2, 1, 3, 4) * 2 - 1, torch.stack(times), captions
+    return torch.cat([as_latents(c) for c in clips]), torch.stack(times), captions
 
 
 def _noise_levels(batch: int, gen: torch.Generator, shift: float = SHIFT) -> torch.Tensor:
