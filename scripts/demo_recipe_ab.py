@@ -13,7 +13,6 @@ of the captioned motion the prediction from pure noise holds. Example (docs/demo
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from sparse_dit.pipelines.demo import train
 from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render_with_coverage
 from sparse_dit.pipelines.demo.evaluate import CAPTIONS, motion_from_noise
-from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline, build_components
+from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
 
 
 @torch.no_grad()
@@ -59,10 +58,10 @@ if __name__ == "__main__":
     parser.add_argument("--evaluate-only", action="store_true", help="only measure the model already in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train.build_components = functools.partial(build_components, **json.loads(args.model))
     result = json.loads((args.out / "ab.json").read_text()) if args.evaluate_only else {}
     if not args.evaluate_only:
-        summary = train.train_demo(args.out, [train.Stage.parse(s) for s in args.stages.split(",")], **json.loads(args.train))
+        summary = train.train_demo(args.out, [train.Stage.parse(s) for s in args.stages.split(",")], model=json.loads(args.model),
+                                   **json.loads(args.train))
         result = {"loss_last_50": summary["final_loss"], "minutes": summary["seconds"] / 60}
     pipe = ShapesVideoPipeline.from_pretrained(args.out)
     result["x0_mse"] = clean_error(pipe)

@@ -65,3 +65,14 @@ def test_coordinate_planes_with_fourier_features():
     assert torch.allclose(planes[12:15], torch.cos(2 * torch.pi * planes[:3]), atol=1e-6)
     batched = coordinate_planes(torch.stack([times, times.flip(0)]), 4, 8, frequencies=2)
     assert batched.shape == (2, 15, 3, 4, 8) and torch.equal(batched[0], planes)
+
+
+def test_training_takes_a_spec_drawer_and_model_arguments(tmp_path):
+    from sparse_dit.pipelines.demo.clips import ClipSpec, ShapeSpec
+    from sparse_dit.pipelines.demo.train import Stage, _batch, train_demo
+
+    spec = ClipSpec((ShapeSpec("red", "circle", "left"),))
+    _, _, captions = _batch(Stage(4, 16, 8, 1), torch.Generator().manual_seed(0), lambda gen: spec)
+    assert set(captions) <= {spec.caption, ""} and spec.caption in captions  # "" is the caption dropout
+    train_demo(tmp_path, [Stage(4, 16, 1, 1)], draw=lambda gen: spec, model={"layers": 1})
+    assert load_demo_pipeline(tmp_path).transformer.config.num_layers == 1

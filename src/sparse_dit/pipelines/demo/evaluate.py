@@ -66,9 +66,9 @@ def _strip(frames: list[torch.Tensor], scale: int) -> np.ndarray:
     return row.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def clean_clip(caption: str, generator: torch.Generator) -> torch.Tensor:
-    """A rendered 16 x 64 x 64 clip of `caption` as the model sees it: (1, 3, F, H, W) in [-1, 1]."""
-    return as_latents(render(parse_caption(caption), 16, 64, 64, generator))
+def clean_clip(caption: str, generator: torch.Generator, size: int = 64) -> torch.Tensor:
+    """A rendered 16-frame clip of `caption`, `size` pixels square, as the model sees it: (1, 3, 16, size, size) in [-1, 1]."""
+    return as_latents(render(parse_caption(caption), 16, size, size, generator))
 
 
 @torch.no_grad()
@@ -112,14 +112,14 @@ def soft_centroids(video: torch.Tensor, colour: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def motion_from_noise(pipe, captions=CAPTIONS, seeds: int = 2) -> float:
+def motion_from_noise(pipe, captions=CAPTIONS, seeds: int = 2, size: int = 64) -> float:
     """How much of its captioned motion the model knows before it sees any of the clip.
 
     For each moving caption, the prediction `predict_clean` from pure noise (t = 1): the shift of the captioned
     colour's centroid (`soft_centroids`) from the first to the last 4 of 16 frames, projected on the caption's
     direction, over the same shift in a rendered clip. Averaged over `seeds` noise draws per caption: 1 when it
     draws the object where the caption puts it, 0 when it draws it in the same place in every frame. Sampling
-    decides where the object goes in its first steps, from this prediction.
+    decides where the object goes in its first steps, from this prediction. `size`: the frame side in pixels.
     """
     shares = []
     for i, caption in enumerate(captions):
@@ -129,7 +129,7 @@ def motion_from_noise(pipe, captions=CAPTIONS, seeds: int = 2) -> float:
         direction = torch.tensor(MOTIONS[obj.motion])
         for s in range(seeds):
             gen = torch.Generator().manual_seed(200 + 10 * i + s)
-            x0 = clean_clip(caption, gen)
+            x0 = clean_clip(caption, gen, size)
             pred = pipe.predict_clean(torch.randn(x0.shape, generator=gen), torch.tensor([1000.0]), pipe.encode_prompt([caption]))
             moved = [float((c[-4:].mean(0) - c[:4].mean(0)) @ direction)
                      for c in (soft_centroids(pred[0].cpu(), obj.colour), soft_centroids(x0[0], obj.colour))]

@@ -59,13 +59,17 @@ class ShapesVideoPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray
 
 
-def build_components(heads: int = 2, head_dim: int = 64, layers: int = 4, frequencies: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Untrained components of the demo pipeline; the transformer reads `coordinate_planes(..., frequencies)`."""
+def build_components(heads: int = 2, head_dim: int = 64, layers: int = 4, frequencies: int = 4, seed: int = 0,
+                     text_layers: int = 1) -> dict[str, Any]:
+    """Untrained components of the demo pipeline; the transformer reads `coordinate_planes(..., frequencies)`.
+
+    `text_layers`: T5 encoder layers; 0 leaves each caption token its word embedding, unmixed with the others.
+    """
     from transformers import T5EncoderModel
 
     torch.manual_seed(seed)
     config = tiny_t5_config()
-    config.num_layers, config.vocab_size = 1, len(VOCABULARY) + 4
+    config.num_layers, config.vocab_size = text_layers, len(VOCABULARY) + 4
     text_encoder = T5EncoderModel(config).eval()
     transformer = WanTransformer3DModel(
         patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=CHANNELS + 3 + 6 * frequencies, out_channels=CHANNELS,

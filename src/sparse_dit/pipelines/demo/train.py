@@ -19,11 +19,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from .clips import as_latents, render, sample_spec
+from .clips import ClipSpec, as_latents, render, sample_spec
 from .pipeline import SHIFT, ShapesVideoPipeline, build_components
 
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
@@ -49,12 +50,13 @@ class Stage:
         return cls(int(frames), int(size), int(batch), int(steps))
 
 
-def _batch(stage: Stage, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _batch(stage: Stage, gen: torch.Generator, draw: Callable[[torch.Generator], ClipSpec] = sample_spec,
+           ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Clips (B, 3, F, H, W) in [-1, 1], the clip time of each frame (B, F), and captions."""
     clips, times, captions = [], [], []
     length = max(stage.frames, CLIP_FRAMES)
     for _ in range(stage.batch):
-        spec = sample_spec(gen)
+        spec = draw(gen)
         start = int(torch.randint(length - stage.frames + 1, (1,), generator=gen))
         clips.append(render(spec, length, stage.size, stage.size, gen)[start : start + stage.frames])
         times.append(torch.linspace(-1, 1, length)[start : start + stage.frames])
@@ -69,14 +71,16 @@ def _noise_levels(batch: int, gen: torch.Generator, shift: float = SHIFT) -> tor
 
 
 def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, ema: float = 0.998,
-               noise_shift: float = SHIFT, device: str = "cpu") -> dict:
+               noise_shift: float = SHIFT, device: str = "cpu", draw: Callable[[torch.Generator], ClipSpec] = sample_spec,
+               model: dict | None = None) -> dict:
     """Train, save the EMA weights as a pipeline with `save_pretrained` into `out`, and return the log.
 
     Data and noise are drawn on the CPU from one generator, so a seed gives the same batches on any device.
+    `draw` picks each clip's spec (experiments narrow the captions with it); `model`: `build_components` arguments.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    pipe = ShapesVideoPipeline(**build_components(seed=seed)).to(device)
+    pipe = ShapesVideoPipeline(**build_components(seed=seed, **(model or {}))).to(device)
     params = list(pipe.transformer.parameters()) + list(pipe.text_encoder.parameters())
     average = [copy.deepcopy(p.detach()) for p in params]
     optimiser = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -90,7 +94,7 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
     out = Path(out)
     for index, stage in enumerate(stages):
         for _ in range(stage.steps):
-            x0, times, captions = _batch(stage, gen)
+            x0, times, captions = _batch(stage, gen, draw)
             noise = torch.randn(x0.shape, generator=gen)
             t = _noise_levels(x0.shape[0], gen, noise_shift)
             x0, times, noise, t = (x.to(device) for x in (x0, times, noise, t))
