@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from sparse_dit.pipelines.demo import train
-from sparse_dit.pipelines.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec
+from sparse_dit.pipelines.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec, random_object
 from sparse_dit.pipelines.demo.evaluate import motion_from_noise
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
 
@@ -32,34 +33,51 @@ def narrowed(colours: list[str], shapes: list[str], motions: list[str]):
     """A spec drawer (for `train_demo(draw=...)`) of single objects from these lists, held-out combinations included."""
 
     def draw(gen: torch.Generator) -> ClipSpec:
-        pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]  # noqa: E731
-        return ClipSpec((ShapeSpec(pick(colours), pick(shapes), pick(motions)),))
+        return ClipSpec((random_object(gen, colours, shapes, motions),))
 
     return draw
+
+
+def probe_captions(colours: list[str], shapes: list[str], motions: list[str], n: int = 6) -> list[str]:
+    """Up to `n` moving captions of this set, taking the motions in turn so that no direction dominates the score."""
+    moving = [m for m in motions if m != "still"]
+    objects = list(itertools.product(colours, shapes))
+    count = min(n, len(moving) * len(objects))
+    # A stride coprime with the object count visits distinct objects, and one above the shape count varies shapes too.
+    stride = next(k for k in itertools.count(max(1, len(objects) // count)) if math.gcd(k, len(objects)) == 1)
+    return [ShapeSpec(*objects[(i * stride) % len(objects)], moving[i % len(moving)]).caption for i in range(count)]
+
+
+def evaluate(path: Path, captions: list[str], size: int) -> dict[str, float]:
+    """`motion_from_noise` of the pipeline saved at `path`, per caption."""
+    pipe = ShapesVideoPipeline.from_pretrained(path)
+    return {c: motion_from_noise(pipe, (c,), seeds=4, size=size) for c in captions}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of 2 clips")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps")
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=2, help="clips per optimiser step")
     parser.add_argument("--colours", default=",".join(COLOURS))
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--motions", default=",".join(MOTIONS), help="comma-separated, e.g. 'left,right,up left'")
     parser.add_argument("--model", default="{}", help="build_components keyword arguments, as JSON")
     parser.add_argument("--train", default="{}", help="train_demo keyword arguments (lr, ema), as JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--evaluate-only", action="store_true", help="score the pipeline already saved at --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     colours, shapes, motions = (getattr(args, name).split(",") for name in ("colours", "shapes", "motions"))
-    stages = [train.Stage(16, args.size, 2, args.steps)]
-    summary = train.train_demo(args.out, stages, noise_shift=PURE_NOISE_SHIFT, draw=narrowed(colours, shapes, motions),
-                               model=json.loads(args.model), **json.loads(args.train))
-    pipe = ShapesVideoPipeline.from_pretrained(args.out)
-    moving = [ShapeSpec(c, s, m).caption for c, s, m in itertools.product(colours, shapes, motions) if m != "still"]
-    captions = moving[:: max(1, len(moving) // 6)][:6]  # up to 6, spread over the set
-    per_caption = {c: motion_from_noise(pipe, (c,), seeds=4, size=args.size) for c in captions}
-    result = {"loss_last_50": summary["final_loss"], "minutes": summary["seconds"] / 60,
-              "motion_from_noise": sum(per_caption.values()) / len(per_caption), "per_caption": per_caption}
-    (args.out / "probe.json").write_text(json.dumps(result, indent=1))
+    captions = probe_captions(colours, shapes, motions)
+    saved = args.out / "probe.json"
+    result = json.loads(saved.read_text()) if args.evaluate_only and saved.exists() else {}
+    if not args.evaluate_only:
+        summary = train.train_demo(args.out, [train.Stage(16, args.size, args.batch, args.steps)], noise_shift=PURE_NOISE_SHIFT,
+                                   draw=narrowed(colours, shapes, motions), model=json.loads(args.model), **json.loads(args.train))
+        result = {"loss_last_50": summary["final_loss"], "minutes": summary["seconds"] / 60}
+    per_caption = evaluate(args.out, captions, args.size)
+    result.update(motion_from_noise=sum(per_caption.values()) / len(per_caption), per_caption=per_caption)
+    saved.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

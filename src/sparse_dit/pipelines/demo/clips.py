@@ -8,6 +8,7 @@ A fixed set of (colour, shape, motion) combinations is held out of training for 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,13 +102,19 @@ def parse_caption(text: str) -> ClipSpec:
     return ClipSpec(tuple(objects))
 
 
+def random_object(generator: torch.Generator, colours: Sequence[str] = tuple(COLOURS), shapes: Sequence[str] = SHAPES,
+                  motions: Sequence[str] = tuple(MOTIONS)) -> ShapeSpec:
+    """One object drawn uniformly from these options (by default all of them, held-out combinations included)."""
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=generator))]  # noqa: E731
+    return ShapeSpec(pick(colours), pick(shapes), pick(motions))
+
+
 def sample_spec(generator: torch.Generator, held_out: bool = False, two_objects_p: float = 0.25) -> ClipSpec:
     """A random clip spec from the training combinations (or only held-out ones with `held_out=True`)."""
 
     def draw() -> ShapeSpec:
         while True:
-            pick = lambda options: options[int(torch.randint(len(options), (1,), generator=generator))]  # noqa: E731
-            obj = ShapeSpec(pick(list(COLOURS)), pick(list(SHAPES)), pick(list(MOTIONS)))
+            obj = random_object(generator)
             if is_held_out(obj) == held_out:
                 return obj
 
