@@ -10,7 +10,7 @@ import sparse_dit
 from sparse_dit.cli import main
 from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
 from sparse_dit.evals.locality_report import untrained_copy
-from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render
+from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render, render_with_coverage
 from sparse_dit.pipelines.demo.evaluate import CAPTIONS, predictions_by_noise, sample_sheet
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
 
@@ -84,22 +84,25 @@ def test_sample_sheet(pipe):
 
 
 class _Oracle:
-    """A stand-in pipeline whose prediction from noise is a rendered clip of the caption, optionally played backwards."""
+    """A stand-in pipeline whose prediction from noise is a rendered clip of the caption, optionally played backwards
+    or with the coverage channel (`latent_channels` 4)."""
 
-    def __init__(self, backwards: bool = False):
-        self.backwards = backwards
+    def __init__(self, backwards: bool = False, latent_channels: int = 3):
+        self.backwards, self.latent_channels = backwards, latent_channels
 
     def encode_prompt(self, captions):
         return captions
 
     def predict_clean(self, latents, timestep, captions):
-        clip = render(parse_caption(captions[0]), 16, 64, 64, torch.Generator().manual_seed(7))
-        clip = clip.flip(0) if self.backwards else clip
-        return as_latents(clip)
+        clip, coverage = render_with_coverage(parse_caption(captions[0]), 16, 64, 64, torch.Generator().manual_seed(7))
+        clip, coverage = (clip.flip(0), coverage.flip(0)) if self.backwards else (clip, coverage)
+        return as_latents(clip, coverage if self.latent_channels > 3 else None)
 
 
-def test_motion_from_noise_measures_the_captioned_motion():
+@pytest.mark.parametrize("channels", [3, 4])
+def test_motion_from_noise_measures_the_captioned_motion(channels):
     from sparse_dit.pipelines.demo.evaluate import motion_from_noise
 
-    assert motion_from_noise(_Oracle(), seeds=1) == pytest.approx(1.0, abs=0.15)  # paths differ only by the jitter
-    assert motion_from_noise(_Oracle(backwards=True), seeds=1) == pytest.approx(-1.0, abs=0.15)
+    oracle = _Oracle(latent_channels=channels)
+    assert motion_from_noise(oracle, seeds=1) == pytest.approx(1.0, abs=0.15)  # paths differ only by the jitter
+    assert motion_from_noise(_Oracle(True, channels), seeds=1) == pytest.approx(-1.0, abs=0.15)

@@ -76,3 +76,24 @@ def test_training_takes_a_spec_drawer_and_model_arguments(tmp_path):
     assert set(captions) <= {spec.caption, ""} and spec.caption in captions  # "" is the caption dropout
     train_demo(tmp_path, [Stage(4, 16, 1, 1)], draw=lambda gen: spec, model={"layers": 1})
     assert load_demo_pipeline(tmp_path).transformer.config.num_layers == 1
+
+
+def test_coverage_channel_is_trained_on_and_dropped_from_the_frames(tmp_path):
+    from sparse_dit.pipelines.demo.clips import ClipSpec, ShapeSpec, render_with_coverage
+    from sparse_dit.pipelines.demo.train import Stage, _batch
+
+    spec = ClipSpec((ShapeSpec("red", "circle", "left"),))
+    stage = Stage(4, 16, 1, 1)
+    plain, _, _ = _batch(stage, torch.Generator().manual_seed(0), lambda gen: spec)
+    with_cover, _, _ = _batch(stage, torch.Generator().manual_seed(0), lambda gen: spec, coverage=True)
+    assert plain.shape == (1, 3, 4, 16, 16) and with_cover.shape == (1, 4, 4, 16, 16)
+    assert torch.equal(with_cover[:, :3], plain)  # the same clip, and the same draws from the generator
+    _, covered = render_with_coverage(spec, 16, 16, 16, torch.Generator().manual_seed(0))
+    assert with_cover[0, 3].min() == -1 and with_cover[0, 3].max() == 1  # covered pixels are 1, background -1
+    assert covered.max() == 1
+
+    assert main(["train-demo", "--out", str(tmp_path), "--stages", "4x16:1:1", "--coverage"]) == 0
+    pipe = load_demo_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.latent_channels == 4
+    assert run(pipe, height=16, width=16).shape == (1, 4, 3, 16, 16)  # (B, F, 3, H, W): RGB only

@@ -183,8 +183,13 @@ def render_with_coverage(spec: ClipSpec, frames: int, height: int, width: int,
     return video, covered
 
 
-def as_latents(video: torch.Tensor) -> torch.Tensor:
-    """A rendered clip (T, 3, H, W) in [0, 1] as the model reads it: (1, 3, T, H, W) in [-1, 1]."""
+def as_latents(video: torch.Tensor, coverage: torch.Tensor | None = None) -> torch.Tensor:
+    """A rendered clip (T, 3, H, W) in [0, 1] as the model reads it: (1, 3, T, H, W) in [-1, 1].
+
+    With `coverage` (T, H, W) in [0, 1] (from `render_with_coverage`), it is a fourth channel: (1, 4, T, H, W).
+    """
+    if coverage is not None:
+        video = torch.cat([video, coverage[:, None]], dim=1)
     return video.permute(1, 0, 2, 3)[None] * 2 - 1
 
 

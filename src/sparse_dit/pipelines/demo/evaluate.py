@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .clips import COLOURS, MOTIONS, as_latents, parse_caption, render
+from .clips import COLOURS, MOTIONS, as_latents, parse_caption, render_with_coverage
 from .score import clip_passes
 
 CAPTIONS = (  # seen in training
@@ -66,9 +66,11 @@ def _strip(frames: list[torch.Tensor], scale: int) -> np.ndarray:
     return row.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def clean_clip(caption: str, generator: torch.Generator, size: int = 64) -> torch.Tensor:
-    """A rendered 16-frame clip of `caption`, `size` pixels square, as the model sees it: (1, 3, 16, size, size) in [-1, 1]."""
-    return as_latents(render(parse_caption(caption), 16, size, size, generator))
+def clean_clip(caption: str, generator: torch.Generator, size: int = 64, channels: int = 3) -> torch.Tensor:
+    """A rendered 16-frame clip of `caption`, `size` pixels square, as a model of `latent_channels` = `channels`
+    sees it: (1, channels, 16, size, size) in [-1, 1]."""
+    video, coverage = render_with_coverage(parse_caption(caption), 16, size, size, generator)
+    return as_latents(video, coverage if channels > 3 else None)
 
 
 @torch.no_grad()
@@ -83,7 +85,7 @@ def predictions_by_noise(
     per level; columns: `frames`; each pixel `scale` x `scale`) and the MSE of each prediction in [-1, 1] units.
     """
     gen = torch.Generator().manual_seed(seed)
-    x0 = clean_clip(caption, gen)
+    x0 = clean_clip(caption, gen, channels=pipe.latent_channels)
     noise = torch.randn(x0.shape, generator=gen)
     text = pipe.encode_prompt([caption])
     rows, errors = [x0], {}
@@ -92,7 +94,7 @@ def predictions_by_noise(
         pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), text)
         errors[t] = float(((pred - x0) ** 2).mean())
         rows.append(pred)
-    lines = [_strip([(r[0, :, f].permute(1, 2, 0) + 1) / 2 for f in frames], scale) for r in rows]
+    lines = [_strip([(r[0, :3, f].permute(1, 2, 0) + 1) / 2 for f in frames], scale) for r in rows]
     gap = np.full((2 * scale, lines[0].shape[1], 3), 255, np.uint8)
     return Image.fromarray(np.concatenate([x for line in lines for x in (line, gap)][:-1], axis=0)), errors
 
@@ -129,10 +131,10 @@ def motion_from_noise(pipe, captions=CAPTIONS, seeds: int = 2, size: int = 64) -
         direction = torch.tensor(MOTIONS[obj.motion])
         for s in range(seeds):
             gen = torch.Generator().manual_seed(200 + 10 * i + s)
-            x0 = clean_clip(caption, gen, size)
+            x0 = clean_clip(caption, gen, size, pipe.latent_channels)
             pred = pipe.predict_clean(torch.randn(x0.shape, generator=gen), torch.tensor([1000.0]), pipe.encode_prompt([caption]))
             moved = [float((c[-4:].mean(0) - c[:4].mean(0)) @ direction)
-                     for c in (soft_centroids(pred[0].cpu(), obj.colour), soft_centroids(x0[0], obj.colour))]
+                     for c in (soft_centroids(pred[0, :3].cpu(), obj.colour), soft_centroids(x0[0, :3], obj.colour))]
             shares.append(moved[0] / moved[1])
     return sum(shares) / len(shares)
 

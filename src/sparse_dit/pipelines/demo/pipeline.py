@@ -60,10 +60,12 @@ class ShapesVideoPipelineOutput(BaseOutput):
 
 
 def build_components(heads: int = 2, head_dim: int = 64, layers: int = 4, frequencies: int = 4, seed: int = 0,
-                     text_layers: int = 1) -> dict[str, Any]:
+                     text_layers: int = 1, coverage: bool = False) -> dict[str, Any]:
     """Untrained components of the demo pipeline; the transformer reads `coordinate_planes(..., frequencies)`.
 
     `text_layers`: T5 encoder layers; 0 leaves each caption token its word embedding, unmixed with the others.
+    `coverage`: the transformer also denoises a fourth channel, how much of each pixel the objects cover (a
+    colour-free object mask; training renders it, generation drops it).
     """
     from transformers import T5EncoderModel
 
@@ -72,7 +74,7 @@ def build_components(heads: int = 2, head_dim: int = 64, layers: int = 4, freque
     config.num_layers, config.vocab_size = text_layers, len(VOCABULARY) + 4
     text_encoder = T5EncoderModel(config).eval()
     transformer = WanTransformer3DModel(
-        patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=CHANNELS + 3 + 6 * frequencies, out_channels=CHANNELS,
+        patch_size=PATCH, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=CHANNELS + coverage + 3 + 6 * frequencies, out_channels=CHANNELS + coverage,
         text_dim=config.d_model, freq_dim=256, ffn_dim=4 * heads * head_dim, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
     )
@@ -107,7 +109,8 @@ class ShapesVideoPipeline(DiffusionPipeline):
 
     def predict_clean(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                       times: torch.Tensor | None = None) -> torch.Tensor:
-        """The transformer's prediction of the clean clip x0 (B, 3, F, H, W) from noisy clips `latents` (B, 3, F, H, W).
+        """The transformer's prediction of the clean clip x0 (B, C, F, H, W) from noisy clips `latents` (B, C, F, H, W),
+        C = `latent_channels`.
 
         timestep: (B,) in [0, 1000], the noise level t times 1000; text: (B, MAX_TOKENS, d) from `encode_prompt`;
         times: the clip time of each frame in [-1, 1], (F,) or (B, F) (default: evenly spaced, the whole clip).
@@ -115,10 +118,15 @@ class ShapesVideoPipeline(DiffusionPipeline):
         b, _, f, h, w = latents.shape
         if times is None:
             times = torch.linspace(-1, 1, f, device=latents.device)
-        frequencies = (self.transformer.config.in_channels - CHANNELS - 3) // 6
+        frequencies = (self.transformer.config.in_channels - self.latent_channels - 3) // 6
         planes = coordinate_planes(times.to(latents.device, latents.dtype), h, w, frequencies)
         return self.transformer(hidden_states=torch.cat([latents, planes.expand(b, -1, f, h, w)], dim=1), timestep=timestep,
                                 encoder_hidden_states=text, return_dict=False)[0]
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the denoised clip: 3 (RGB), or 4 with the coverage channel (`build_components(coverage=True)`)."""
+        return self.transformer.config.out_channels
 
     def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                  times: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,7 +172,7 @@ class ShapesVideoPipeline(DiffusionPipeline):
         text = self.encode_prompt(prompts + negatives if cfg else prompts)
         batch = len(prompts)
         # One generator per prompt gives every clip the noise it would get alone, so batching changes nothing.
-        latents = randn_tensor((batch, CHANNELS, num_frames, height, width), generator=generator, device=torch.device("cpu"),
+        latents = randn_tensor((batch, self.latent_channels, num_frames, height, width), generator=generator, device=torch.device("cpu"),
                                dtype=torch.float32).to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
@@ -184,7 +192,7 @@ class ShapesVideoPipeline(DiffusionPipeline):
                     latents = outputs.pop("latents", latents)
                 progress.update()
         self._current_timestep = None
-        frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
+        frames = ((latents[:, :CHANNELS].clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
         if output_type == "np":
             frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
         self.maybe_free_model_hooks()

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .clips import ClipSpec, as_latents, render, sample_spec
+from .clips import ClipSpec, as_latents, render_with_coverage, sample_spec
 from .pipeline import SHIFT, ShapesVideoPipeline, build_components
 
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
@@ -51,17 +51,18 @@ class Stage:
 
 
 def _batch(stage: Stage, gen: torch.Generator, draw: Callable[[torch.Generator], ClipSpec] = sample_spec,
-           ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Clips (B, 3, F, H, W) in [-1, 1], the clip time of each frame (B, F), and captions."""
+           coverage: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Clips (B, 3, F, H, W) in [-1, 1] (B, 4, ... with `coverage`), the clip time of each frame (B, F), and captions."""
     clips, times, captions = [], [], []
     length = max(stage.frames, CLIP_FRAMES)
     for _ in range(stage.batch):
         spec = draw(gen)
         start = int(torch.randint(length - stage.frames + 1, (1,), generator=gen))
-        clips.append(render(spec, length, stage.size, stage.size, gen)[start : start + stage.frames])
+        video, covered = render_with_coverage(spec, length, stage.size, stage.size, gen)
+        clips.append(as_latents(video, covered if coverage else None)[:, :, start : start + stage.frames])
         times.append(torch.linspace(-1, 1, length)[start : start + stage.frames])
         captions.append("" if float(torch.rand(1, generator=gen)) < CAPTION_DROPOUT else spec.caption)
-    return torch.cat([as_latents(c) for c in clips]), torch.stack(times), captions
+    return torch.cat(clips), torch.stack(times), captions
 
 
 def _noise_levels(batch: int, gen: torch.Generator, shift: float = SHIFT) -> torch.Tensor:
@@ -94,7 +95,7 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
     out = Path(out)
     for index, stage in enumerate(stages):
         for _ in range(stage.steps):
-            x0, times, captions = _batch(stage, gen, draw)
+            x0, times, captions = _batch(stage, gen, draw, coverage=pipe.latent_channels > 3)
             noise = torch.randn(x0.shape, generator=gen)
             t = _noise_levels(x0.shape[0], gen, noise_shift)
             x0, times, noise, t = (x.to(device) for x in (x0, times, noise, t))
