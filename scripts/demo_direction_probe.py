@@ -43,7 +43,7 @@ def probe_captions(colours: list[str], shapes: list[str], motions: list[str], n:
     moving = [m for m in motions if m != "still"]
     objects = list(itertools.product(colours, shapes))
     count = min(n, len(moving) * len(objects))
-    # A stride coprime with the object count visits distinct objects, and one above the shape count varies shapes too.
+    # A stride coprime with the object count visits distinct objects, and (coprime with the shape count too) varies shapes.
     stride = next(k for k in itertools.count(max(1, len(objects) // count)) if math.gcd(k, len(objects)) == 1)
     return [ShapeSpec(*objects[(i * stride) % len(objects)], moving[i % len(moving)]).caption for i in range(count)]
 
