@@ -10,8 +10,8 @@ import sparse_dit
 from sparse_dit.cli import main
 from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
 from sparse_dit.evals.locality_report import untrained_copy
-from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render, render_with_coverage
-from sparse_dit.pipelines.demo.evaluate import CAPTIONS, predictions_by_noise, sample_sheet
+from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render_with_coverage
+from sparse_dit.pipelines.demo.evaluate import CAPTIONS, clean_clip, predictions_by_noise, sample_sheet
 from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
 
 MAX_BYTES = 25 * 2**20
@@ -37,7 +37,7 @@ def test_it_learned_to_denoise_its_clips(pipe):
     # what is cheap and must hold: from a half-noised clip it recovers the clip far better than its untrained twin.
     gen = torch.Generator().manual_seed(7)
     captions = ["a red circle moving right", "a blue square moving up and a yellow triangle staying still"]
-    x0 = torch.stack([render(parse_caption(c), 16, 64, 64, gen) for c in captions]).permute(0, 2, 1, 3, 4) * 2 - 1
+    x0 = torch.cat([clean_clip(c, gen, 64, pipe.latent_channels) for c in captions])
     t = 0.5
     xt = (1 - t) * x0 + t * torch.randn(x0.shape, generator=gen)
 
