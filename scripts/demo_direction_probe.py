@@ -1,14 +1,15 @@
 """Probe how fast the demo model learns the caption's direction, in 3 minutes on one thread.
 
-The shipped model knows little of the captioned direction before it sees the clip (docs/demo_model.md, "What
-it lacks"). This isolates that part of the task: it trains only at pure noise (t = 1, where the clean clip is a
+The session-8 model knew little of the captioned direction before it saw the clip (docs/demo_model.md, "What
+the previous model lacked"). This isolates that part of the task: it trains only at pure noise (t = 1, where the clean clip is a
 function of the caption alone), on 16-frame clips of SIZE x SIZE pixels (32 by default: 1024 tokens, about 6x
 faster a step than the demo's 64), optionally on a narrowed set of captions, then prints `motion_from_noise`
 for each moving caption of that set. Objects scale with the frame, so the task is the demo's at a quarter of
-the tokens. Example (docs/demo_model.md, "The direction plateau"):
+the tokens. Example (docs/demo_model.md, "The direction plateau"; `--model` restores the RGB-only model with
+a 1-layer T5 that those probes ran on, no longer `build_components`' default):
 
-    python scripts/demo_direction_probe.py --out runs/one --colours red --shapes circle --motions left,right &
-    python scripts/demo_direction_probe.py --out runs/all --motions left,right &
+    python scripts/demo_direction_probe.py --out runs/one --colours red --shapes circle --motions left,right \
+        --model '{"coverage": false, "text_layers": 1}' &
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""Screen a change to the demo model's recipe in 10 minutes before spending 70 on it.
+"""Screen a change to the demo model's recipe in 10 minutes before spending 45 on it.
 
 Trains one variant briefly on one thread (run two side by side on the 2 cores, so both see the same
 machine), then prints the clean-clip MSE by noise level on 10 fixed 16-frame clips of the 5 seen captions
 (the error from high noise is what decides where sampling puts the object) and `motion_from_noise`, how much
 of the captioned motion the prediction from pure noise holds. Example (docs/demo_model.md,
-"Fourier coordinates, two wider heads, a higher rate"):
+"Fourier coordinates, two wider heads, a higher rate"; those runs were RGB only with a 1-layer T5, which
+`"coverage": false, "text_layers": 1` restores):
 
-    python scripts/demo_recipe_ab.py --out runs/base --stages 4x64:8:250 --model '{"frequencies": 0, "heads": 4, "head_dim": 32}' &
-    python scripts/demo_recipe_ab.py --out runs/fq4 --stages 4x64:8:250 --model '{"frequencies": 4}' &
+    python scripts/demo_recipe_ab.py --out runs/base --stages 4x64:8:250 --model '{"frequencies": 0, "heads": 4, "head_dim": 32, "coverage": false, "text_layers": 1}' &
+    python scripts/demo_recipe_ab.py --out runs/fq4 --stages 4x64:8:250 --model '{"frequencies": 4, "coverage": false, "text_layers": 1}' &
 """
 
 from __future__ import annotations

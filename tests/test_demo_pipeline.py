@@ -92,8 +92,12 @@ def test_coverage_channel_is_trained_on_and_dropped_from_the_frames(tmp_path):
     assert with_cover[0, 3].min() == -1 and with_cover[0, 3].max() == 1  # covered pixels are 1, background -1
     assert covered.max() == 1
 
-    assert main(["train-demo", "--out", str(tmp_path), "--stages", "4x16:1:1", "--coverage", "--text-layers", "0"]) == 0
+    assert main(["train-demo", "--out", str(tmp_path), "--stages", "4x16:1:1"]) == 0  # the defaults: the shipped recipe
     pipe = load_demo_pipeline(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.latent_channels == 4 and pipe.text_encoder.config.num_layers == 0
     assert run(pipe, height=16, width=16).shape == (1, 4, 3, 16, 16)  # (B, F, 3, H, W): RGB only
+
+    assert main(["train-demo", "--out", str(tmp_path / "rgb"), "--stages", "4x16:1:1", "--no-coverage", "--text-layers", "1"]) == 0
+    pipe = load_demo_pipeline(tmp_path / "rgb")
+    assert pipe.latent_channels == 3 and pipe.text_encoder.config.num_layers == 1

@@ -301,10 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: that of the shipped weights)")
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
-    train.add_argument("--coverage", action="store_true",
-                       help="also denoise a channel of object coverage, a colour-free mask (docs/demo_model.md)")
+    train.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=True,
+                       help="also denoise a channel of object coverage, a colour-free mask, as the shipped weights do "
+                       "(docs/demo_model.md)")
     train.add_argument("--text-layers", type=int, default=None,
-                       help="T5 encoder layers (default 1, as the shipped weights; 0 keeps each caption word unmixed)")
+                       help="T5 encoder layers (default 0, as the shipped weights: each caption word stays unmixed)")
     train.set_defaults(func=cmd_train_demo)
 
     methods = sub.add_parser("methods", help="list the registered sparse attention methods and their options")

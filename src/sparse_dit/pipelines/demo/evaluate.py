@@ -82,7 +82,8 @@ def predictions_by_noise(
 
     Renders a 16 x 64 x 64 clip of `caption`, noises it to each t in `levels` and takes the one-step
     prediction `predict_clean` (conditional, no guidance). Returns an image (rows: the clip, then one row
-    per level; columns: `frames`; each pixel `scale` x `scale`) and the MSE of each prediction in [-1, 1] units.
+    per level; columns: `frames`; each pixel `scale` x `scale`) and the MSE of each prediction's RGB in [-1, 1]
+    units (the coverage channel left out, so models with and without it compare).
     """
     gen = torch.Generator().manual_seed(seed)
     x0 = clean_clip(caption, gen, channels=pipe.latent_channels)
@@ -92,7 +93,7 @@ def predictions_by_noise(
     for t in levels:
         xt = (1 - t) * x0 + t * noise
         pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), text)
-        errors[t] = float(((pred - x0) ** 2).mean())
+        errors[t] = float(((pred - x0)[:, :3] ** 2).mean())
         rows.append(pred)
     lines = [_strip([(r[0, :3, f].permute(1, 2, 0) + 1) / 2 for f in frames], scale) for r in rows]
     gap = np.full((2 * scale, lines[0].shape[1], 3), 255, np.uint8)

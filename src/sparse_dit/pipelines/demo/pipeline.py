@@ -1,14 +1,18 @@
 """`ShapesVideoPipeline`: the embedded demo model, a diffusers `DiffusionPipeline` over `WanTransformer3DModel`.
 
-Pixel space (no VAE): a clip of F frames of H x W pixels is the (3, F, H, W) latent the transformer denoises, patched
-(1, 4, 4), so the default 16 x 64 x 64 clip is 16 x 16 x 16 = 4096 video tokens. Text is a tiny T5 encoder
-over a word-level tokenizer of the caption vocabulary, both built in code and saved with the pipeline.
+Pixel space (no VAE): a clip of F frames of H x W pixels is the (C, F, H, W) latent the transformer denoises, patched
+(1, 4, 4), so the default 16 x 64 x 64 clip is 16 x 16 x 16 = 4096 video tokens. C is 4: RGB, and the objects'
+coverage of each pixel (a colour-free mask that the renderer draws for training and generation drops from the
+frames). Text is a T5 encoder with no layers over a word-level tokenizer of the caption vocabulary, so each caption
+token is its own word's embedding; both are built in code and saved with the pipeline.
 
-Two departures from a stock Wan model, both because a 4-layer model trained for an hour on 2 CPU cores needs
-them (docs/demo_model.md has the experiments): the transformer also reads coordinate planes (x, y and time in
-[-1, 1], with their sines and cosines at 4 frequencies: 27 channels), so a token knows where in the clip it sits
-without inferring it from RoPE, and it predicts the clean clip x0 (`ShapesVideoPipeline.predict_clean`) rather
-than the velocity; `ShapesVideoPipeline.velocity` converts, so the scheduler sees the usual flow-matching velocity.
+Departures from a stock Wan model, all because a 4-layer model trained in under an hour on 2 CPU cores needs them
+(docs/demo_model.md has the experiments): the transformer also reads coordinate planes (x, y and time in [-1, 1],
+with their sines and cosines at 4 frequencies: 27 channels), so a token knows where in the clip it sits without
+inferring it from RoPE; it predicts the clean clip x0 (`ShapesVideoPipeline.predict_clean`) rather than the
+velocity, and `ShapesVideoPipeline.velocity` converts, so the scheduler sees the usual flow-matching velocity; and
+the coverage channel, without which the model learns where an object is only through its colour times its mask,
+one colour at a time, and learns the captioned direction slowly or not at all.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .clips import VOCABULARY, parse_caption
 
 MAX_TOKENS = 12  # "a red circle moving up left and a blue square staying still" is 12 words
 PATCH = (1, 4, 4)
-CHANNELS = 3  # RGB; the transformer reads 3 more, the coordinate planes
+CHANNELS = 3  # RGB; a model may denoise a coverage channel too, and it reads the coordinate planes
 SHIFT = 2.0  # the scheduler's timestep shift, and the shift of the noise levels training draws
 MIN_SIGMA = 0.05  # v = (x_t - x0) / t is taken with t at least this, where x0 predictions make v blow up
 # An x0-predicting model draws compact objects without guidance, and guidance above ~3 swells them
@@ -60,7 +64,7 @@ class ShapesVideoPipelineOutput(BaseOutput):
 
 
 def build_components(heads: int = 2, head_dim: int = 64, layers: int = 4, frequencies: int = 4, seed: int = 0,
-                     text_layers: int = 1, coverage: bool = False) -> dict[str, Any]:
+                     text_layers: int = 0, coverage: bool = True) -> dict[str, Any]:
     """Untrained components of the demo pipeline; the transformer reads `coordinate_planes(..., frequencies)`.
 
     `text_layers`: T5 encoder layers; 0 leaves each caption token its word embedding, unmixed with the others.

@@ -1,10 +1,12 @@
 """Training the demo model from scratch: rectified flow on procedurally rendered clips, on CPU.
 
-A run is a list of stages (frames x size, batch, steps). Short clips are cheap (attention is quadratic in
-tokens), so most steps train on a few consecutive frames cut from a full-length clip: the frame size, the
-object scale in tokens and the speed per frame are then exactly the demo's, and only the temporal offsets are
-shorter; the time planes the transformer reads say which part of the clip a window is. Later stages lengthen
-the clips to the demo's 16 frames. Deterministic for a seed.
+A run is a list of stages (frames x size, batch, steps), with one learning-rate schedule over all of them.
+Small clips are cheap (attention is quadratic in tokens), so the default run takes most of its steps on whole
+16-frame clips of 32 x 32 pixels (1024 tokens, about 0.37 s a step on 2 cores), where the model learns what each
+caption means, and then a few hundred at the demo's 64 x 64 (4096 tokens, about 3.2 s a step), where it learns
+the finer shapes; the coordinate planes the transformer reads are in [-1, 1] at any size, so what it learned at
+32 carries over. A stage may also train on a window of fewer frames cut from a 16-frame clip; the time planes say
+which part of the clip it is. Deterministic for a seed.
 
 The loss is on the predicted clean clip, MSE(x0_pred, x0), with noise levels drawn
 uniform and shifted towards noise as the sampler's schedule is: a velocity loss weights the x0 error by
@@ -30,7 +32,7 @@ from .pipeline import SHIFT, ShapesVideoPipeline, build_components
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
 CLIP_FRAMES = 16  # the length a motion is rendered over; shorter stages train on a window of it
 FINAL_LR = 0.1  # the cosine schedule ends at this fraction of the peak rate
-DEFAULT_STAGES = "16x64:2:1300"
+DEFAULT_STAGES = "16x32:2:2500,16x64:2:600"
 
 
 @dataclass(frozen=True)
