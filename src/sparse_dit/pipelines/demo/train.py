@@ -3,7 +3,7 @@
 A run is a list of stages (frames x size, batch, steps), with one learning-rate schedule over all of them.
 Small clips are cheap (attention is quadratic in tokens), so the default run takes most of its steps on whole
 16-frame clips of 32 x 32 pixels (1024 tokens, about 0.37 s a step on 2 cores), where the model learns what each
-caption means, and then a few hundred at the demo's 64 x 64 (4096 tokens, about 3.2 s a step), where it learns
+caption means, and then a few hundred at the demo's 64 x 64 (4096 tokens, about 3.0 s a step), where it learns
 the finer shapes; the coordinate planes the transformer reads are in [-1, 1] at any size, so what it learned at
 32 carries over. A stage may also train on a window of fewer frames cut from a 16-frame clip; the time planes say
 which part of the clip it is. Deterministic for a seed.
