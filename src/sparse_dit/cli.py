@@ -41,8 +41,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = {key: record[key] for key in keys} | {"dense_attention_s": dense_record["attention_s"],
                                                    "dense_total_s": dense_record["total_s"], "call": call}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"method {config.method}: density {record['density']:.3f} over sparse steps "
-          f"({record['density_all_steps']:.3f} with the dense warm-up steps)")
+    print(f"method {config.method}: density {record['density']:.3f} over the attention calls that ran a plan "
+          f"({record['density_all_steps']:.3f} over all, dense steps and layers included)")
     print(f"attention time: dense {dense_record['attention_s']:.2f} s, sparse {record['attention_s']:.2f} s "
           f"({record['attention_speedup']:.2f}x)")
     print(f"end-to-end:     dense {dense_record['total_s']:.2f} s, sparse {record['total_s']:.2f} s ({record['speedup']:.2f}x)")
