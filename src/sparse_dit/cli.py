@@ -148,7 +148,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     from sparse_dit.pipelines.demo.train import DEFAULT_STAGES, Stage, train_demo
 
     stages = [Stage.parse(s) for s in (args.stages or DEFAULT_STAGES).split(",")]
-    model = {"coverage": args.coverage, **_given(text_layers=args.text_layers)}
+    model = _given(coverage=args.coverage, text_layers=args.text_layers)
     summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, model=model, **_given(lr=args.lr))
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
@@ -301,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: that of the shipped weights)")
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
-    train.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=True,
-                       help="also denoise a channel of object coverage, a colour-free mask, as the shipped weights do "
-                       "(docs/demo_model.md)")
+    train.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=None,
+                       help="also denoise a channel of object coverage, a colour-free mask (default: on, as the shipped "
+                       "weights; docs/demo_model.md)")
     train.add_argument("--text-layers", type=int, default=None,
                        help="T5 encoder layers (default 0, as the shipped weights: each caption word stays unmixed)")
     train.set_defaults(func=cmd_train_demo)
