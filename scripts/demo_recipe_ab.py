@@ -22,7 +22,7 @@ import torch
 from sparse_dit.pipelines.demo import train
 from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render_with_coverage
 from sparse_dit.pipelines.demo.evaluate import CAPTIONS, motion_from_noise
-from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
+from sparse_dit.pipelines.demo.pipeline import CHANNELS, ShapesVideoPipeline
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def clean_error(pipe: ShapesVideoPipeline, levels: tuple[float, ...] = (0.6, 0.9
                 x0 = as_latents(video, cover if pipe.latent_channels > 3 else None)
                 xt = (1 - t) * x0 + t * torch.randn(x0.shape, generator=gen)
                 pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), pipe.encode_prompt([caption]))
-                error = (pred - x0)[:, :3] ** 2  # RGB, comparable with and without the coverage channel
+                error = (pred - x0)[:, :CHANNELS] ** 2  # RGB, comparable with and without the coverage channel
                 total.append(float(error.mean()))
                 ends.append(float(error[:, :, [0, 1, 2, 3, 12, 13, 14, 15]].mean()))
                 inside.append(float(error.mean(1)[0][cover > 0.5].mean()))

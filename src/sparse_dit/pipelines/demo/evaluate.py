@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .clips import COLOURS, MOTIONS, as_latents, parse_caption, render_with_coverage
+from .pipeline import CHANNELS
 from .score import clip_passes
 
 CAPTIONS = (  # seen in training
@@ -93,9 +94,9 @@ def predictions_by_noise(
     for t in levels:
         xt = (1 - t) * x0 + t * noise
         pred = pipe.predict_clean(xt, torch.tensor([t * 1000.0]), text)
-        errors[t] = float(((pred - x0)[:, :3] ** 2).mean())
+        errors[t] = float(((pred - x0)[:, :CHANNELS] ** 2).mean())
         rows.append(pred)
-    lines = [_strip([(r[0, :3, f].permute(1, 2, 0) + 1) / 2 for f in frames], scale) for r in rows]
+    lines = [_strip([(r[0, :CHANNELS, f].permute(1, 2, 0) + 1) / 2 for f in frames], scale) for r in rows]
     gap = np.full((2 * scale, lines[0].shape[1], 3), 255, np.uint8)
     return Image.fromarray(np.concatenate([x for line in lines for x in (line, gap)][:-1], axis=0)), errors
 
@@ -135,7 +136,7 @@ def motion_from_noise(pipe, captions=CAPTIONS, seeds: int = 2, size: int = 64) -
             x0 = clean_clip(caption, gen, size, pipe.latent_channels)
             pred = pipe.predict_clean(torch.randn(x0.shape, generator=gen), torch.tensor([1000.0]), pipe.encode_prompt([caption]))
             moved = [float((c[-4:].mean(0) - c[:4].mean(0)) @ direction)
-                     for c in (soft_centroids(pred[0, :3].cpu(), obj.colour), soft_centroids(x0[0, :3], obj.colour))]
+                     for c in (soft_centroids(pred[0, :CHANNELS].cpu(), obj.colour), soft_centroids(x0[0, :CHANNELS], obj.colour))]
             shares.append(moved[0] / moved[1])
     return sum(shares) / len(shares)
 
