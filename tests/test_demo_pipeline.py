@@ -101,3 +101,21 @@ def test_coverage_channel_is_trained_on_and_dropped_from_the_frames(tmp_path):
     assert main(["train-demo", "--out", str(tmp_path / "rgb"), "--stages", "4x16:1:1", "--no-coverage", "--text-layers", "1"]) == 0
     pipe = load_demo_pipeline(tmp_path / "rgb")
     assert pipe.latent_channels == 3 and pipe.text_encoder.config.num_layers == 1
+
+
+def test_qk_gain_ramp_scales_only_the_self_attention_gains(tmp_path):
+    from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
+    from sparse_dit.pipelines.demo.train import Stage, gain_at, qk_gain_parameters, train_demo
+
+    assert [gain_at(s, 3.0, (2, 6)) for s in (0, 2, 4, 6, 9)] == [1.0, 1.0, 2.0, 3.0, 3.0]
+    assert gain_at(0, 2.0, (0, 0)) == 2.0  # an empty ramp: the gain from the start
+    train_demo(tmp_path / "plain", [Stage(4, 16, 1, 3)], model={"layers": 1}, lr=1e-6)
+    train_demo(tmp_path / "ramp", [Stage(4, 16, 1, 3)], model={"layers": 1}, lr=1e-6, qk_gain=2.0, qk_gain_ramp=(1, 3))
+    plain, ramp = (ShapesVideoPipeline.from_pretrained(tmp_path / name).transformer for name in ("plain", "ramp"))
+    names = {n for n, _ in ramp.named_parameters()}
+    gains = {id(p) for p in qk_gain_parameters(ramp)}
+    assert len(gains) == 2  # norm_q and norm_k of the one layer's self-attention
+    for (name, a), b in zip(ramp.named_parameters(), plain.parameters()):
+        expected = 2.0 * b if id(a) in gains else b
+        torch.testing.assert_close(a, expected, atol=1e-4, rtol=1e-4, msg=name)
+    assert "blocks.0.attn2.norm_q.weight" in names  # cross-attention has gains too, left alone

@@ -29,7 +29,7 @@ def report(tmp_path_factory):
 
 def test_records(report):
     records = json.loads((report / "results.json").read_text())
-    assert len(records) == 2 * 2 * 3  # prompts x seeds x (dense, window, random ~ window)
+    assert len(records) == 2 * 2 * 4  # prompts x seeds x (dense, window, random ~ window, oracle ~ window)
     assert all(FIELDS <= set(r) for r in records)
     by = {(r["method"], r["prompt"], r["seed"]): r for r in records}
     for (method, prompt, seed), r in by.items():
@@ -39,12 +39,15 @@ def test_records(report):
         assert 0 < r["density"] < 1 and r["speedup"] > 0 and r["lpips"] is None
         assert r["psnr"] > 10 and 0 < r["ssim"] <= 1
         assert set(r["density_map"][0]) == {1.0}  # step 0 is a dense warm-up step in every layer
-    # The control runs at the density its method measured.
+    # The controls run at the density their method measured.
     for r in records:
-        if r["method"] == "random":
+        if r["method"] in ("random", "oracle"):
             paired = by[("window", r["prompt"], r["seed"])]
             assert r["paired_with"] == "window"
             assert r["density"] == pytest.approx(paired["density"], abs=0.05)
+    # At the same density the blocks of highest mass lose less of the dense clip than random ones.
+    for prompt, seed in {(r["prompt"], r["seed"]) for r in records}:
+        assert by[("oracle", prompt, seed)]["psnr"] > by[("random", prompt, seed)]["psnr"]
 
 
 def test_rerun_skips_finished_items(report):
@@ -57,7 +60,8 @@ def test_rerun_skips_finished_items(report):
 
 def test_markdown_and_html(report):
     md = (report / "report.md").read_text()
-    assert "| window |" in md and "| random ~ window |" in md and "LPIPS is absent" in md
+    assert "| window |" in md and "| random ~ window |" in md and "| oracle ~ window |" in md and "LPIPS is absent" in md
+    assert md.index("| window |") < md.index("| random ~ window |") < md.index("| oracle ~ window |")
     page = (report / "report.html").read_text()
     assert "<svg" in page and "data:image/gif;base64," in page and "src='videos" not in page  # self-contained
 

@@ -85,3 +85,31 @@ def test_untrained_copy_reinitialises_only_the_transformer():
     assert twin.text_encoder is pipe.text_encoder and twin.transformer is not pipe.transformer
     assert twin.transformer.config == pipe.transformer.config
     assert not torch.equal(next(twin.transformer.parameters()), next(pipe.transformer.parameters()))
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan_video"])
+def test_concentration_measures_the_video_tokens_on_the_asked_steps(name, tmp_path):
+    from sparse_dit.patterns.block_mass import block_mass, top_share
+    from sparse_dit.search import measure_concentration, run_observed
+
+    pipe, kwargs = make_pipeline(name)
+    seen = []
+    run_observed(pipe, lambda site, ctx, q, k, scale: seen.append((ctx, q.clone(), k.clone())),
+                 **{**kwargs, "generator": torch.Generator().manual_seed(0)})
+    result = measure_concentration(pipe, [{**kwargs, "generator": torch.Generator().manual_seed(0)}], steps=[1],
+                                   fraction=0.25, block_size=4)
+    calls = [(ctx, q, k) for ctx, q, k in seen if ctx.step == 1]
+    assert sorted(result.shares) == sorted({ctx.layer for ctx, _, _ in calls})
+    expected = {}
+    for ctx, q, k in calls:  # the same numbers as the block mass of the video span, computed here
+        video = slice(ctx.video_start, ctx.video_start + ctx.num_video_tokens)
+        expected.setdefault(ctx.layer, []).append(top_share(block_mass(q[:, video], k[:, video], 4), 0.25))
+        n = -(-ctx.num_video_tokens // 4)
+        assert result.maps[ctx.layer].shape == (ctx.heads, n, n)
+    for layer, shares in expected.items():
+        torch.testing.assert_close(result.shares[layer], torch.cat(shares))
+    assert 0 < result.median() <= 1 and len(result.table()) == len(result.shares)
+    assert "| layer | median |" in result.markdown()
+    result.draw().save(tmp_path / "maps.png")
+    with pytest.raises(SparseDiTError, match="no self-attention call"):
+        measure_concentration(pipe, [kwargs], steps=[99])

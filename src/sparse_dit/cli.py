@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     call.update(_given(guidance_scale=args.guidance_scale))
     settings = EvalSettings(
         out=Path(args.out), methods=args.methods, configs=_parse_configs(args.config), prompts=prompts,
-        seeds=args.seeds, call_kwargs=call, reps=args.reps, warmup=args.warmup,
+        seeds=args.seeds, call_kwargs=call, reps=args.reps, warmup=args.warmup, controls=args.controls,
     )
     records = Evaluation(pipe, settings).run()
     title = f"sparse-dit evaluation: {description}"
@@ -149,7 +149,9 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
     stages = [Stage.parse(s) for s in (args.stages or DEFAULT_STAGES).split(",")]
     model = _given(coverage=args.coverage, text_layers=args.text_layers)
-    summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, model=model, **_given(lr=args.lr))
+    ramp = tuple(int(x) for x in args.qk_gain_ramp.split(":")) if args.qk_gain_ramp else None
+    summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, model=model,
+                         **_given(lr=args.lr, qk_gain=args.qk_gain, qk_gain_ramp=ramp))
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
     return 0
@@ -169,6 +171,33 @@ def cmd_attention(args: argparse.Namespace) -> int:
     print(f"{description}: attention mass inside a {'x'.join(map(str, args.window))} token window, steps {steps}")
     print((Path(args.out) / "locality.md").read_text())
     print(f"wrote {Path(args.out) / 'locality.json'}, {Path(args.out) / 'attention_maps.png'}")
+    return 0
+
+
+def cmd_concentration(args: argparse.Namespace) -> int:
+    from sparse_dit.evals.runner import DEFAULT_PROMPTS
+    from sparse_dit.patterns import resolve_config
+    from sparse_dit.search import measure_concentration
+
+    pipe, description = load_pipeline(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()] if args.prompts else list(DEFAULT_PROMPTS)
+    call = {"num_inference_steps": args.steps, "output_type": "pt"}
+    call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    call.update(_given(guidance_scale=args.guidance_scale))
+    first = resolve_config("dense", dense_steps=args.dense_steps).dense_step_count(args.steps)
+    calls = [{**call, "prompt": p, "generator": torch.Generator().manual_seed(s)} for p in prompts for s in range(args.seeds)]
+    result = measure_concentration(pipe, calls, steps=range(first, args.steps), fraction=args.fraction,
+                                   block_size=args.block_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "concentration.json").write_text(json.dumps(
+        {"pipeline": description, "prompts": prompts, "seeds": args.seeds, "call": call, **result.to_dict()}, indent=1))
+    (out / "concentration.md").write_text(result.markdown())
+    result.draw().save(out / "block_mass_maps.png")
+    print(f"{description}, {len(prompts)} prompts x {args.seeds} seeds")
+    print(result.markdown())
+    print(f"wrote {out / 'concentration.json'}, {out / 'concentration.md'}, {out / 'block_mass_maps.png'}")
     return 0
 
 
@@ -246,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score methods against dense on the same prompts and seeds; writes a report")
     ev.add_argument("--pipeline", default="demo", help="demo, or a local diffusers pipeline folder / cached id")
     ev.add_argument("--methods", type=_csv(str), default=["dense", "window", "random"],
-                    help="comma-separated; dense is the baseline and every method is paired with the random control")
+                    help="comma-separated; dense is the baseline and every method is paired with the --controls")
+    ev.add_argument("--controls", type=_csv(str), default=["random", "oracle"],
+                    help="yardsticks run at each method's measured density: random (what it must beat), oracle "
+                         "(the blocks of highest exact mass; costs full attention); comma-separated, '' for none")
     ev.add_argument("--config", action="append", default=[], help="METHOD.KEY=VALUE (JSON value), repeatable")
     ev.add_argument("--prompts", default=None, help="a text file with one prompt per line")
     ev.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
@@ -277,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--out", default="outputs/attention")
     att.set_defaults(func=cmd_attention)
 
+    conc = sub.add_parser("concentration", help="mass held by each query block's top key blocks (exact), per layer and head; "
+                                                "draws block-mass maps")
+    conc.add_argument("--pipeline", default="demo", help="demo, demo:diffuse, or a local diffusers pipeline folder / cached id")
+    conc.add_argument("--prompts", default=None, help="a text file with one prompt per line (default: the eval's three)")
+    conc.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    conc.add_argument("--steps", type=int, default=20, help="denoising steps of each run")
+    conc.add_argument("--dense-steps", type=float, default=0.2,
+                      help="leading share of steps left out, as a sparse method's dense warm-up leaves them")
+    conc.add_argument("--fraction", type=float, default=0.2, help="share of the key blocks counted")
+    conc.add_argument("--block-size", type=int, default=64)
+    conc.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    conc.add_argument("--num-frames", type=int, default=None)
+    conc.add_argument("--height", type=int, default=None)
+    conc.add_argument("--width", type=int, default=None)
+    conc.add_argument("--out", default="outputs/concentration")
+    conc.set_defaults(func=cmd_concentration)
+
     score = sub.add_parser("score-demo", help="share of demo clips that move as captioned (pixel scorer)")
     score.add_argument("--path", default=None, help="a trained pipeline folder (default: the shipped weights)")
     score.add_argument("--seeds", type=int, default=20, help="new seeds per caption (1000, 1001, ...)")
@@ -300,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "shipped weights, sparse_dit.pipelines.demo.train.DEFAULT_STAGES)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: that of the shipped weights)")
+    train.add_argument("--qk-gain", type=float, default=None,
+                       help="scale the self-attention QK-norm gains up to this (default: that of the shipped weights)")
+    train.add_argument("--qk-gain-ramp", default=None, metavar="START:END",
+                       help="optimiser steps over which the gains rise linearly from 1 to --qk-gain")
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
     train.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=None,
                        help="also denoise a channel of object coverage, a colour-free mask (default: on, as the shipped "

@@ -15,7 +15,7 @@ _MAGMA = np.array([[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [25
 DECADES = 3.0  # shown dynamic range: probabilities below max / 10**DECADES are black
 
 
-def _colour(values: np.ndarray) -> np.ndarray:
+def magma(values: np.ndarray) -> np.ndarray:
     """values in [0, 1], any shape -> uint8 RGB of shape (..., 3)."""
     pos = np.clip(values, 0, 1) * (len(_MAGMA) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(_MAGMA) - 2)
@@ -38,7 +38,7 @@ def attention_map(sample: AttentionSample, head: int, row: int, batch: int = 0, 
     grid_rows = math.ceil(f / cols)
     gap = 2
     canvas = np.full((grid_rows * (h * scale + gap) - gap, cols * (w * scale + gap) - gap, 3), 255, dtype=np.uint8)
-    tiles = _colour(values).repeat(scale, axis=1).repeat(scale, axis=2)  # (F, H*s, W*s, 3)
+    tiles = magma(values).repeat(scale, axis=1).repeat(scale, axis=2)  # (F, H*s, W*s, 3)
     for i in range(f):
         y, x = (i // cols) * (h * scale + gap), (i % cols) * (w * scale + gap)
         canvas[y : y + h * scale, x : x + w * scale] = tiles[i]

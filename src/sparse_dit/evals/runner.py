@@ -1,9 +1,10 @@
 """`sparse-dit eval`: the same prompts and seeds generated dense and with each method, scored and timed.
 
 Dense is the baseline: the original attention, timed through the same hooks (every step kept dense) so
-attention time is measured the same way for every method. Every sparse method is paired with `random` at
-its measured density per (step, layer, head): the control it must beat. Finished items are skipped when
-the command is run again on the same output folder.
+attention time is measured the same way for every method. Every sparse method is paired, at its measured
+density per (step, layer, head), with two yardsticks: `random` blocks, the control it must beat, and `oracle`,
+the blocks of highest exact attention mass, the best a mass-based selector can reach. Finished items are
+skipped when the command is run again on the same output folder.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .video import side_by_side, write_video
 
 DEFAULT_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right")
 BASELINE = "dense"
-CONTROL = "random"
+CONTROLS = ("random", "oracle")  # the yardsticks every method is paired with, by default
 
 
 @dataclass
@@ -42,6 +43,7 @@ class EvalSettings:
     call_kwargs: dict[str, Any] = field(default_factory=dict)  # num_frames, height, width, num_inference_steps, ...
     reps: int = 1
     warmup: int = 1
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
 
 
 def _frames(output: Any) -> torch.Tensor:
@@ -163,12 +165,29 @@ class Evaluation:
         )
         return video, record
 
+    def _control(self, control: str, name: str, config, record: dict, prompt_idx: int, prompt: str, seed: int,
+                 dense_video: torch.Tensor, dense_record: dict) -> dict:
+        """`control` at the density `name` measured per (step, layer, head), under the same policy."""
+        table = tuple((s, l, tuple(d)) for s, l, d in record["density_table"])
+        options = {"density_table": table, "block_size": config.block_size, "dense_steps": config.dense_steps,
+                   "dense_layers": config.dense_layers, "min_seq_len": config.min_seq_len,
+                   **({"seed": seed} if control == "random" else {}), **self.settings.configs.get(control, {})}
+        _, paired = self.method(control, resolve_config(control, **options), prompt_idx, prompt, seed, dense_video,
+                                dense_record, paired_with=name)
+        paired.pop("density_table")
+        paired["config"].pop("density_table")
+        return paired
+
     def run(self) -> list[dict]:
-        """Evaluate every (prompt, seed) with every method and its random control."""
-        methods = [m for m in dict.fromkeys(self.settings.methods) if m not in (BASELINE, CONTROL)]
+        """Evaluate every (prompt, seed) with every method and its controls at the method's measured density."""
+        methods = [m for m in dict.fromkeys(self.settings.methods) if m not in (BASELINE, "random")]
         items = [(i, p, s) for i, p in enumerate(self.settings.prompts) for s in range(self.settings.seeds)]
         todo = [(i, p, s, m) for i, p, s in items for m in methods]
-        bar = tqdm(total=len(items) + 2 * len(todo), desc="eval", unit="video")
+        controls = list(dict.fromkeys(self.settings.controls))
+        for control in controls:  # an unknown name fails now, not after the dense baselines
+            resolve_config(control, **self.settings.configs.get(control, {}))
+        bar = tqdm(total=len(items) + len(todo) + sum(c != m for m in methods for c in controls) * len(items),
+                   desc="eval", unit="video")
         for i, prompt, seed in items:
             dense_video, dense_record = self.dense(i, prompt, seed)
             bar.update(1)
@@ -178,17 +197,11 @@ class Evaluation:
                 if record is None:
                     record = self._add(self.method(name, config, i, prompt, seed, dense_video, dense_record)[1])
                 bar.update(1)
-                if self._find(CONTROL, prompt, seed, paired_with=name) is None:
-                    table = tuple((s, l, tuple(d)) for s, l, d in record["density_table"])
-                    control = resolve_config(
-                        CONTROL, density_table=table, block_size=config.block_size, dense_steps=config.dense_steps,
-                        dense_layers=config.dense_layers, min_seq_len=config.min_seq_len, seed=seed,
-                        **self.settings.configs.get(CONTROL, {}),
-                    )
-                    _, paired = self.method(CONTROL, control, i, prompt, seed, dense_video, dense_record, paired_with=name)
-                    paired.pop("density_table")
-                    paired["config"].pop("density_table")
-                    self._add(paired)
-                bar.update(1)
+                for control in controls:
+                    if control == name:
+                        continue
+                    if self._find(control, prompt, seed, paired_with=name) is None:
+                        self._add(self._control(control, name, config, record, i, prompt, seed, dense_video, dense_record))
+                    bar.update(1)
         bar.close()
         return self.records

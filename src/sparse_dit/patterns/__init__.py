@@ -9,6 +9,7 @@ from ..config import SparseAttentionConfig
 from ..errors import ConfigError, UnknownMethodError
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method, registered_methods
 from .dense import DenseConfig, DensePlanner
+from .oracle import OracleConfig, OraclePlanner
 from .random import RandomConfig, RandomPlanner
 from .window import WindowConfig, WindowPlanner
 
@@ -18,6 +19,8 @@ __all__ = [
     "DEFAULT_METHOD",
     "DenseConfig",
     "DensePlanner",
+    "OracleConfig",
+    "OraclePlanner",
     "PlanContext",
     "Planner",
     "RandomConfig",

@@ -39,10 +39,23 @@ class RandomConfig(SparseAttentionConfig):
         super().__post_init__()
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density={self.density!r} is out of range: expected a fraction in (0, 1]")
-        table = tuple((int(s), int(l), tuple(float(d) for d in ds)) for s, l, ds in self.density_table)
-        if any(not 0.0 <= d <= 1.0 for _, _, ds in table for d in ds):
-            raise ConfigError("density_table densities must be fractions in [0, 1]")
-        object.__setattr__(self, "density_table", table)
+        object.__setattr__(self, "density_table", check_density_table(self.density_table))
+
+
+def check_density_table(table) -> DensityTable:
+    """Normalise ((step, layer, per-head densities), ...) to ints and floats; raise on a density outside [0, 1]."""
+    table = tuple((int(s), int(l), tuple(float(d) for d in ds)) for s, l, ds in table)
+    if any(not 0.0 <= d <= 1.0 for _, _, ds in table for d in ds):
+        raise ConfigError("density_table densities must be fractions in [0, 1]")
+    return table
+
+
+def head_densities(table: dict[tuple[int, int], tuple[float, ...]], ctx: PlanContext, default: float) -> list[float]:
+    """The densities `table` ({(step, layer): per-head densities}) gives this call, else `default` for every head."""
+    per_head = table.get((ctx.step, ctx.layer))
+    if per_head is None or len(per_head) != ctx.heads:
+        return [default] * ctx.heads
+    return list(per_head)
 
 
 @register_method
@@ -57,12 +70,6 @@ class RandomPlanner(Planner):
         super().__init__(config)
         self._table = {(s, l): ds for s, l, ds in config.density_table}
 
-    def _densities(self, ctx: PlanContext) -> list[float]:
-        per_head = self._table.get((ctx.step, ctx.layer))
-        if per_head is None or len(per_head) != ctx.heads:
-            return [self.config.density] * ctx.heads
-        return list(per_head)
-
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext) -> AttentionPlan:
         bs = self.config.block_size
         n = -(-ctx.seq_len // bs)
@@ -72,7 +79,7 @@ class RandomPlanner(Planner):
         scores = torch.rand(ctx.heads, n * n, generator=gen)
         scores[:, torch.arange(n) * (n + 1)] = 2.0  # the diagonal is always among the kept blocks
         # A count per head over the whole map, not per row: matches the paired density even when n is small.
-        keep = torch.tensor([max(n, min(n * n, round(d * n * n))) for d in self._densities(ctx)])
+        keep = torch.tensor([max(n, min(n * n, round(d * n * n))) for d in head_densities(self._table, ctx, self.config.density)])
         ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
         layout = (ranks < keep.view(-1, 1)).view(1, ctx.heads, n, n).to(ctx.device)
         layout = keep_text_and_diagonal(layout, ctx, bs)

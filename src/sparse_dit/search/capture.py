@@ -7,7 +7,7 @@ statistics such as the mass inside a local window, and to draw attention maps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,21 @@ class AttentionSample:
         return self.ctx.step
 
 
+Observer = Callable[[Any, PlanContext, torch.Tensor, torch.Tensor, "float | None"], None]
+
+
+def run_observed(pipe: Any, observe: Observer, **call: Any) -> Any:
+    """Run `pipe(**call)` with its own dense attention, calling observe(site, ctx, q, k, scale) before every
+    self-attention call with the real q, k (B, S, H, D) after the model's norms and RoPE. Returns the output."""
+    enable_sparse_attention(pipe, resolve_config("dense", dense_steps=1.0))
+    runtime_of(pipe).observers.append(observe)
+    try:
+        with torch.inference_mode():
+            return pipe(**call)
+    finally:
+        disable_sparse_attention(pipe)
+
+
 def capture_attention(
     pipe: Any, *, steps: Iterable[int] | None = None, rows: int = 64, seed: int = 0, **call: Any
 ) -> list[AttentionSample]:
@@ -67,13 +82,7 @@ def capture_attention(
         probs = (logits * (scale if scale is not None else q.shape[-1] ** -0.5)).softmax(dim=-1)
         samples.append(AttentionSample(ctx, pick, probs.cpu()))
 
-    enable_sparse_attention(pipe, resolve_config("dense", dense_steps=1.0))
-    runtime_of(pipe).observers.append(observe)
-    try:
-        with torch.inference_mode():
-            pipe(**call)
-    finally:
-        disable_sparse_attention(pipe)
+    run_observed(pipe, observe, **call)
     if not samples:
         raise SparseDiTError(f"no self-attention call ran at steps {sorted(wanted or [])}; pass steps below num_inference_steps")
     return samples

@@ -73,19 +73,44 @@ def _noise_levels(batch: int, gen: torch.Generator, shift: float = SHIFT) -> tor
     return shift * u / (1 + (shift - 1) * u)
 
 
+def qk_gain_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The RMS-norm gains of every self-attention layer's queries and keys (`attn1.norm_q`, `attn1.norm_k`)."""
+    return [p for name, p in transformer.named_parameters()
+            if ".attn1.norm_q." in name or ".attn1.norm_k." in name]
+
+
+def gain_at(step: int, gain: float, ramp: tuple[int, int]) -> float:
+    """The factor the self-attention QK-norm gains are scaled by at `step`: 1 until ramp[0], rising linearly to
+    `gain` at ramp[1], then `gain`."""
+    start, end = ramp
+    if step >= end:
+        return gain
+    return 1 + (gain - 1) * max(0.0, (step - start) / (end - start))
+
+
 def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, ema: float = 0.998,
                noise_shift: float = SHIFT, device: str = "cpu", draw: Callable[[torch.Generator], ClipSpec] = sample_spec,
-               model: dict | None = None) -> dict:
+               model: dict | None = None, qk_gain: float = 1.0, qk_gain_ramp: tuple[int, int] = (0, 0)) -> dict:
     """Train, save the EMA weights as a pipeline with `save_pretrained` into `out`, and return the log.
 
     Data and noise are drawn on the CPU from one generator, so a seed gives the same batches on any device.
     `draw` picks each clip's spec (experiments narrow the captions with it); `model`: `build_components` arguments.
+    `qk_gain`, `qk_gain_ramp`: the self-attention QK-norm gains (and their running average) are scaled up by
+    `gain_at(step, qk_gain, qk_gain_ramp)` as training goes, on top of what the optimiser does to them. A query-key
+    logit is at most gain^2 * sqrt(head_dim), so gains near 1 leave a softmax over thousands of keys diffuse,
+    while gains of 2 from the start slow the learning of the captioned motion (docs/demo_model.md).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     pipe = ShapesVideoPipeline(**build_components(seed=seed, **(model or {}))).to(device)
     params = list(pipe.transformer.parameters()) + list(pipe.text_encoder.parameters())
     average = [copy.deepcopy(p.detach()) for p in params]
+    gains = {id(p) for p in qk_gain_parameters(pipe.transformer)}
+    gain_pairs = [(p, a) for p, a in zip(params, average) if id(p) in gains]
+    with torch.no_grad():
+        for p, a in gain_pairs:
+            p.mul_(gain_at(0, qk_gain, qk_gain_ramp))
+            a.copy_(p)
     optimiser = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     total = sum(s.steps for s in stages)
     warmup = min(100, total // 10 + 1)
@@ -110,6 +135,12 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
             schedule.step()
+            ratio = gain_at(len(log) + 1, qk_gain, qk_gain_ramp) / gain_at(len(log), qk_gain, qk_gain_ramp)
+            if ratio != 1.0:
+                with torch.no_grad():
+                    for p, a in gain_pairs:
+                        p.mul_(ratio)
+                        a.mul_(ratio)
             # Warmed-up decay: a fixed 0.999 would still hold 0.999^n of the random init after n steps
             # (32% after 1150), which is what made the first probe's samples pure speckle.
             decay = min(ema, (1 + len(log)) / (10 + len(log)))
@@ -124,7 +155,7 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
             _save_average(pipe, params, average, out / f"stage-{index + 1}")
     bar.close()
     _save_average(pipe, params, average, out)
-    summary = {"seed": seed, "stages": [s.__dict__ for s in stages], "seconds": time.perf_counter() - start,
+    summary = {"seed": seed, "stages": [s.__dict__ for s in stages], "qk_gain": qk_gain, "qk_gain_ramp": list(qk_gain_ramp), "seconds": time.perf_counter() - start,
                "final_loss": sum(r["loss"] for r in log[-50:]) / max(1, len(log[-50:])), "log": log}
     (out / "training_log.json").write_text(json.dumps(summary))
     (out / "loss_curve.svg").write_text(loss_curve_svg(log))
@@ -190,4 +221,4 @@ def loss_curve_svg(log: list[dict], width: int = 640, height: int = 320) -> str:
     return "".join(parts)
 
 
-__all__ = ["DEFAULT_STAGES", "Stage", "loss_curve_svg", "smoothed", "train_demo"]
+__all__ = ["DEFAULT_STAGES", "Stage", "gain_at", "loss_curve_svg", "qk_gain_parameters", "smoothed", "train_demo"]
