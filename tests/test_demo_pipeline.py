@@ -119,3 +119,4 @@ def test_qk_gain_ramp_scales_only_the_self_attention_gains(tmp_path):
         expected = 2.0 * b if id(a) in gains else b
         torch.testing.assert_close(a, expected, atol=1e-4, rtol=1e-4, msg=name)
     assert "blocks.0.attn2.norm_q.weight" in names  # cross-attention has gains too, left alone
+    assert all(torch.equal(p, torch.full_like(p, 2.0)) for p in qk_gain_parameters(ramp))  # the schedule alone

@@ -108,10 +108,11 @@ def _parse_configs(items: list[str]) -> dict[str, dict]:
 
 def load_pipeline(name: str):
     """`demo` or a local diffusers folder / cached hub id (never downloaded). Returns (pipeline, description)."""
-    if name == "demo":
+    if name == "demo" or name.startswith("demo:"):
         from sparse_dit.pipelines.demo import load_demo_pipeline
 
-        return load_demo_pipeline(), "the shipped demo model"
+        variant = name.partition(":")[2] or "concentrated"
+        return load_demo_pipeline(variant), f"the shipped demo model ({variant})"
     index = Path(name) / "model_index.json"
     if index.exists() and json.loads(index.read_text()).get("_class_name") == "ShapesVideoPipeline":
         from sparse_dit.pipelines.demo import load_demo_pipeline
@@ -151,7 +152,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     model = _given(coverage=args.coverage, text_layers=args.text_layers)
     ramp = tuple(int(x) for x in args.qk_gain_ramp.split(":")) if args.qk_gain_ramp else None
     summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, model=model,
-                         **_given(lr=args.lr, qk_gain=args.qk_gain, qk_gain_ramp=ramp))
+                         **_given(lr=args.lr, qk_gain=args.qk_gain, qk_gain_ramp=ramp, train_qk_gain=args.train_qk_gain))
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
     return 0
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     kern.set_defaults(func=cmd_bench_kernels)
 
     ev = sub.add_parser("eval", help="score methods against dense on the same prompts and seeds; writes a report")
-    ev.add_argument("--pipeline", default="demo", help="demo, or a local diffusers pipeline folder / cached id")
+    ev.add_argument("--pipeline", default="demo", help="demo, demo:diffuse, or a local diffusers pipeline folder / cached id")
     ev.add_argument("--methods", type=_csv(str), default=["dense", "window", "random"],
                     help="comma-separated; dense is the baseline and every method is paired with the --controls")
     ev.add_argument("--controls", type=_csv(str), default=["random", "oracle"],
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     att = sub.add_parser("attention", help="how local a pipeline's attention is, against its untrained twin; draws maps")
-    att.add_argument("--pipeline", default="demo", help="demo, or a local diffusers pipeline folder / cached id")
+    att.add_argument("--pipeline", default="demo", help="demo, demo:diffuse, or a local diffusers pipeline folder / cached id")
     att.add_argument("--prompt", default="a red circle moving right")
     att.add_argument("--seed", type=int, default=0)
     att.add_argument("--steps", type=int, default=20, help="denoising steps of the run")
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale the self-attention QK-norm gains up to this (default: that of the shipped weights)")
     train.add_argument("--qk-gain-ramp", default=None, metavar="START:END",
                        help="optimiser steps over which the gains rise linearly from 1 to --qk-gain")
+    train.add_argument("--train-qk-gain", action=argparse.BooleanOptionalAction, default=None,
+                       help="let the optimiser move the scaled gains too (by default they follow the ramp alone)")
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
     train.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=None,
                        help="also denoise a channel of object coverage, a colour-free mask (default: on, as the shipped "

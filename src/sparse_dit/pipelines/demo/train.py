@@ -90,15 +90,18 @@ def gain_at(step: int, gain: float, ramp: tuple[int, int]) -> float:
 
 def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, ema: float = 0.998,
                noise_shift: float = SHIFT, device: str = "cpu", draw: Callable[[torch.Generator], ClipSpec] = sample_spec,
-               model: dict | None = None, qk_gain: float = 1.0, qk_gain_ramp: tuple[int, int] = (0, 0)) -> dict:
+               model: dict | None = None, qk_gain: float = 1.0, qk_gain_ramp: tuple[int, int] = (0, 0),
+               train_qk_gain: bool = False) -> dict:
     """Train, save the EMA weights as a pipeline with `save_pretrained` into `out`, and return the log.
 
     Data and noise are drawn on the CPU from one generator, so a seed gives the same batches on any device.
     `draw` picks each clip's spec (experiments narrow the captions with it); `model`: `build_components` arguments.
     `qk_gain`, `qk_gain_ramp`: the self-attention QK-norm gains (and their running average) are scaled up by
-    `gain_at(step, qk_gain, qk_gain_ramp)` as training goes, on top of what the optimiser does to them. A query-key
-    logit is at most gain^2 * sqrt(head_dim), so gains near 1 leave a softmax over thousands of keys diffuse,
-    while gains of 2 from the start slow the learning of the captioned motion (docs/demo_model.md).
+    `gain_at(step, qk_gain, qk_gain_ramp)` as training goes. A query-key logit is at most gain^2 * sqrt(head_dim),
+    so gains near 1 leave a softmax over thousands of keys diffuse, while gains of 2 from the start slow the
+    learning of the captioned motion (docs/demo_model.md). With `qk_gain` 1 the gains are trained like any weight;
+    otherwise they follow the schedule alone unless `train_qk_gain`: trained, the optimiser pulled layer 0's back
+    from 2.0 to 1.5 and its attention stayed diffuse.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -111,7 +114,11 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
         for p, a in gain_pairs:
             p.mul_(gain_at(0, qk_gain, qk_gain_ramp))
             a.copy_(p)
-    optimiser = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    frozen = gains if qk_gain != 1.0 and not train_qk_gain else set()
+    trained = [p for p in params if id(p) not in frozen]
+    for p in params:
+        p.requires_grad_(id(p) not in frozen)
+    optimiser = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     total = sum(s.steps for s in stages)
     warmup = min(100, total // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: _rate(i, warmup, total))
@@ -132,7 +139,7 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
             loss = torch.nn.functional.mse_loss(clean, x0)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimiser.step()
             schedule.step()
             ratio = gain_at(len(log) + 1, qk_gain, qk_gain_ramp) / gain_at(len(log), qk_gain, qk_gain_ramp)
@@ -155,7 +162,8 @@ def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, 
             _save_average(pipe, params, average, out / f"stage-{index + 1}")
     bar.close()
     _save_average(pipe, params, average, out)
-    summary = {"seed": seed, "stages": [s.__dict__ for s in stages], "qk_gain": qk_gain, "qk_gain_ramp": list(qk_gain_ramp), "seconds": time.perf_counter() - start,
+    summary = {"seed": seed, "stages": [s.__dict__ for s in stages], "qk_gain": qk_gain, "qk_gain_ramp": list(qk_gain_ramp),
+               "train_qk_gain": train_qk_gain, "seconds": time.perf_counter() - start,
                "final_loss": sum(r["loss"] for r in log[-50:]) / max(1, len(log[-50:])), "log": log}
     (out / "training_log.json").write_text(json.dumps(summary))
     (out / "loss_curve.svg").write_text(loss_curve_svg(log))
