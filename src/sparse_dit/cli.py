@@ -65,6 +65,18 @@ def _given(**options):
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of --prompts (one per line), or the evaluation's three."""
+    from sparse_dit.evals.runner import DEFAULT_PROMPTS
+
+    return [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()] if args.prompts else list(DEFAULT_PROMPTS)
+
+
+def _sizes(args: argparse.Namespace) -> dict:
+    """--num-frames, --height and --width as pipeline-call arguments, where given."""
+    return {k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v}
+
+
 def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
@@ -125,13 +137,13 @@ def load_pipeline(name: str):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sparse_dit.evals.report import markdown, write_reports
-    from sparse_dit.evals.runner import DEFAULT_PROMPTS, EvalSettings, Evaluation
+    from sparse_dit.evals.runner import EvalSettings, Evaluation
 
     pipe, description = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()] if args.prompts else list(DEFAULT_PROMPTS)
+    prompts = _prompts(args)
     call = {"num_inference_steps": args.steps}
-    call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    call.update(_sizes(args))
     call.update(_given(guidance_scale=args.guidance_scale))
     settings = EvalSettings(
         out=Path(args.out), methods=args.methods, configs=_parse_configs(args.config), prompts=prompts,
@@ -164,7 +176,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     pipe, description = load_pipeline(args.pipeline)
     call = {"prompt": args.prompt, "num_inference_steps": args.steps,
             "generator": torch.Generator().manual_seed(args.seed), "output_type": "pt"}
-    call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    call.update(_sizes(args))
     call.update(_given(guidance_scale=args.guidance_scale))
     steps = args.sample_steps or [args.steps // 2]
     write_locality_report(pipe, Path(args.out), call, steps=steps, window=tuple(args.window), rows=args.rows,
@@ -176,15 +188,14 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_concentration(args: argparse.Namespace) -> int:
-    from sparse_dit.evals.runner import DEFAULT_PROMPTS
     from sparse_dit.patterns import resolve_config
     from sparse_dit.search import measure_concentration
 
     pipe, description = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()] if args.prompts else list(DEFAULT_PROMPTS)
+    prompts = _prompts(args)
     call = {"num_inference_steps": args.steps, "output_type": "pt"}
-    call.update({k: v for k, v in (("num_frames", args.num_frames), ("height", args.height), ("width", args.width)) if v})
+    call.update(_sizes(args))
     call.update(_given(guidance_scale=args.guidance_scale))
     first = resolve_config("dense", dense_steps=args.dense_steps).dense_step_count(args.steps)
     calls = [{**call, "prompt": p, "generator": torch.Generator().manual_seed(s)} for p in prompts for s in range(args.seeds)]

@@ -32,7 +32,12 @@ from .pipeline import SHIFT, ShapesVideoPipeline, build_components
 CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free guidance
 CLIP_FRAMES = 16  # the length a motion is rendered over; shorter stages train on a window of it
 FINAL_LR = 0.1  # the cosine schedule ends at this fraction of the peak rate
-DEFAULT_STAGES = "16x32:2:2500,16x64:2:600"
+DEFAULT_STAGES = "16x32:2:4000,16x64:2:600"
+# The self-attention QK-norm gains rise from 1 to 2.5 over these steps, after the captioned motion is learned at 1,
+# and stay there: a query-key logit can then reach 2.5^2 * 8 = 50 and attention concentrates as a real video
+# DiT's does (docs/demo_model.md, "Concentrated attention").
+DEFAULT_QK_GAIN = 2.5
+DEFAULT_QK_GAIN_RAMP = (1500, 3000)
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,8 @@ def gain_at(step: int, gain: float, ramp: tuple[int, int]) -> float:
 
 def train_demo(out: Path, stages: list[Stage], seed: int = 0, lr: float = 2e-3, ema: float = 0.998,
                noise_shift: float = SHIFT, device: str = "cpu", draw: Callable[[torch.Generator], ClipSpec] = sample_spec,
-               model: dict | None = None, qk_gain: float = 1.0, qk_gain_ramp: tuple[int, int] = (0, 0),
-               train_qk_gain: bool = False) -> dict:
+               model: dict | None = None, qk_gain: float = DEFAULT_QK_GAIN,
+               qk_gain_ramp: tuple[int, int] = DEFAULT_QK_GAIN_RAMP, train_qk_gain: bool = False) -> dict:
     """Train, save the EMA weights as a pipeline with `save_pretrained` into `out`, and return the log.
 
     Data and noise are drawn on the CPU from one generator, so a seed gives the same batches on any device.
@@ -229,4 +234,4 @@ def loss_curve_svg(log: list[dict], width: int = 640, height: int = 320) -> str:
     return "".join(parts)
 
 
-__all__ = ["DEFAULT_STAGES", "Stage", "gain_at", "loss_curve_svg", "qk_gain_parameters", "smoothed", "train_demo"]
+__all__ = ["DEFAULT_QK_GAIN", "DEFAULT_QK_GAIN_RAMP", "DEFAULT_STAGES", "Stage", "gain_at", "loss_curve_svg", "qk_gain_parameters", "smoothed", "train_demo"]
