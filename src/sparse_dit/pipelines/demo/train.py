@@ -2,11 +2,12 @@
 
 A run is a list of stages (frames x size, batch, steps), with one learning-rate schedule over all of them.
 Small clips are cheap (attention is quadratic in tokens), so the default run takes most of its steps on whole
-16-frame clips of 32 x 32 pixels (1024 tokens, about 0.37 s a step on 2 cores), where the model learns what each
-caption means, and then a few hundred at the demo's 64 x 64 (4096 tokens, about 3.0 s a step), where it learns
+16-frame clips of 32 x 32 pixels (1024 tokens, about 0.25 s a step on 2 cores), where the model learns what each
+caption means, and then a few hundred at the demo's 64 x 64 (4096 tokens, about 2.2 s a step), where it learns
 the finer shapes; the coordinate planes the transformer reads are in [-1, 1] at any size, so what it learned at
 32 carries over. A stage may also train on a window of fewer frames cut from a 16-frame clip; the time planes say
-which part of the clip it is. Deterministic for a seed.
+which part of the clip it is. Midway the self-attention QK-norm gains are ramped up and held, which makes the
+model's attention concentrated as a real video DiT's is. Deterministic for a seed.
 
 The loss is on the predicted clean clip, MSE(x0_pred, x0), with noise levels drawn
 uniform and shifted towards noise as the sampler's schedule is: a velocity loss weights the x0 error by
