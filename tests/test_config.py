@@ -64,3 +64,9 @@ def test_dense_step_count():
     assert resolve_config("dense", dense_steps=0.5, num_inference_steps=10).dense_step_count(None) == 5
     with pytest.raises(ConfigError, match="num_inference_steps"):
         resolve_config("dense", dense_steps=0.5).dense_step_count(None)
+
+
+@pytest.mark.parametrize("options", [{"window": True}, {"window": 3.0}, {"window": "3"}, {"block_size": True}])
+def test_bools_floats_and_strings_are_not_sizes(options):
+    with pytest.raises(ConfigError):
+        resolve_config("window", **options)

@@ -82,3 +82,23 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     colour = lambda hex_: tuple(int(hex_[i : i + 2], 16) for i in (1, 3, 5))  # noqa: E731
     assert colour(TABLE_HEAD_COLOUR) in pixels, "the results table header did not render"
     assert colour(PLOT_COLOUR) in pixels, "the Pareto plot markers did not render"
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--methods", "random"], "random is a control"),
+    (["--methods", "dense,svg3"], "unknown sparse attention method"),
+    (["--methods", "window", "--controls", "random,orcale"], "unknown sparse attention method"),
+    (["--methods", "window", "--config", "window.window=true"], "window"),
+    (["--methods", "window", "--config", "foo.bar=1"], "does not run"),
+    (["--methods", "window", "--config", "random.block_size=8"], "clashes"),
+    (["--prompts", "EMPTY"], "prompts file is empty"),
+])
+def test_bad_settings_fail_before_anything_is_generated(tmp_path, extra, match):
+    from sparse_dit import SparseDiTError
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    extra = [str(empty) if x == "EMPTY" else x for x in extra]
+    with pytest.raises(SparseDiTError, match=match):
+        main(["eval", "--steps", "2", "--num-frames", "4", "--height", "32", "--width", "32", "--out", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -18,8 +18,10 @@ def _check(condition: bool, name: str, value: Any, expected: str) -> None:
 
 def check_int_tuple(name: str, value: Any, length: int, minimum: int, allow_full: bool = False) -> tuple[int, ...]:
     """Normalise an int or a sequence of ints to a tuple of `length`; -1 means "the whole axis" if allowed."""
-    values = (value,) * length if isinstance(value, int) else tuple(value)
-    ok = len(values) == length and all(isinstance(v, int) and (v >= minimum or (allow_full and v == -1)) for v in values)
+    values = (value,) * length if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    # bool is an int to Python; window=True is a mistake, not a window of 1.
+    ok = len(values) == length and all(isinstance(v, int) and not isinstance(v, bool) and (v >= minimum or (allow_full and v == -1))
+                                       for v in values)
     expected = f"an int or {length} ints, each >= {minimum}" + (" or -1 (whole axis)" if allow_full else "")
     _check(ok, name, value, expected)
     return values
@@ -61,7 +63,7 @@ class SparseAttentionConfig:
         _check(all(isinstance(i, int) and i >= 0 for i in layers), "dense_layers", self.dense_layers, "layer indices >= 0")
         object.__setattr__(self, "dense_layers", layers)
         _check(isinstance(self.min_seq_len, int) and self.min_seq_len >= 0, "min_seq_len", self.min_seq_len, "an int >= 0")
-        _check(isinstance(self.block_size, int) and self.block_size >= 1, "block_size", self.block_size, "an int >= 1 (64 or 128 on GPU)")
+        _check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size >= 1, "block_size", self.block_size, "an int >= 1 (64 or 128 on GPU)")
         _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
         n = self.num_inference_steps
         _check(n is None or (isinstance(n, int) and n >= 1), "num_inference_steps", n, "None or an int >= 1")

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..patterns import resolve_config
 from ..plugin import AttentionStats, disable_sparse_attention, enable_sparse_attention, sparse_attention_stats
 from ..plugin.api import runtime_of
@@ -29,6 +30,8 @@ from .video import side_by_side, write_video
 DEFAULT_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right")
 BASELINE = "dense"
 CONTROLS = ("random", "oracle")  # the yardsticks every method is paired with, by default
+# What a control takes from the method it is paired with, so that both run under the same policy.
+PAIRED_OPTIONS = ("density_table", "block_size", "dense_steps", "dense_layers", "min_seq_len")
 
 
 @dataclass
@@ -169,8 +172,7 @@ class Evaluation:
                  dense_video: torch.Tensor, dense_record: dict) -> dict:
         """`control` at the density `name` measured per (step, layer, head), under the same policy."""
         table = tuple((s, l, tuple(d)) for s, l, d in record["density_table"])
-        options = {"density_table": table, "block_size": config.block_size, "dense_steps": config.dense_steps,
-                   "dense_layers": config.dense_layers, "min_seq_len": config.min_seq_len,
+        options = {"density_table": table, **{key: getattr(config, key) for key in PAIRED_OPTIONS[1:]},
                    **({"seed": seed} if control == "random" else {}), **self.settings.configs.get(control, {})}
         _, paired = self.method(control, resolve_config(control, **options), prompt_idx, prompt, seed, dense_video,
                                 dense_record, paired_with=name)
@@ -178,14 +180,38 @@ class Evaluation:
         paired["config"].pop("density_table")
         return paired
 
+    def validate(self) -> tuple[list[str], list[str]]:
+        """Check every name and option before anything is generated; returns (methods, controls) to run.
+
+        Raises ConfigError (UnknownMethodError for an unknown name) with what to pass instead.
+        """
+        settings = self.settings
+        if not settings.prompts:
+            raise ConfigError("no prompts to evaluate: the prompts file is empty; give one prompt per line")
+        methods = [m for m in dict.fromkeys(settings.methods) if m not in (BASELINE, "random")]
+        controls = list(dict.fromkeys(settings.controls))
+        if not methods and "random" in settings.methods:
+            raise ConfigError("random is a control, run at the density of each method it is paired with; name a method "
+                              "to evaluate (e.g. --methods dense,window), or evaluate random itself as oracle's control "
+                              "with --methods oracle")
+        for name in (*methods, *controls):  # unknown names and bad options fail now, not after the dense baselines
+            resolve_config(name, **settings.configs.get(name, {}))
+        unused = sorted(set(settings.configs) - {*methods, *controls})
+        if unused:
+            raise ConfigError(f"--config sets options of {unused}, which this evaluation does not run; "
+                              f"it runs {', '.join([*methods, *controls]) or 'no method'}")
+        for control in controls:
+            clash = sorted(set(settings.configs.get(control, {})) & set(PAIRED_OPTIONS))
+            if clash:
+                raise ConfigError(f"--config {control}.{clash[0]} clashes with the control's pairing: {control} takes "
+                                  f"{', '.join(PAIRED_OPTIONS)} from the method it is paired with; set them on that method")
+        return methods, controls
+
     def run(self) -> list[dict]:
         """Evaluate every (prompt, seed) with every method and its controls at the method's measured density."""
-        methods = [m for m in dict.fromkeys(self.settings.methods) if m not in (BASELINE, "random")]
+        methods, controls = self.validate()
         items = [(i, p, s) for i, p in enumerate(self.settings.prompts) for s in range(self.settings.seeds)]
         todo = [(i, p, s, m) for i, p, s in items for m in methods]
-        controls = list(dict.fromkeys(self.settings.controls))
-        for control in controls:  # an unknown name fails now, not after the dense baselines
-            resolve_config(control, **self.settings.configs.get(control, {}))
         bar = tqdm(total=len(items) + len(todo) + sum(c != m for m in methods for c in controls) * len(items),
                    desc="eval", unit="video")
         for i, prompt, seed in items:
