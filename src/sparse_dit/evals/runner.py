@@ -30,8 +30,10 @@ from .video import side_by_side, write_video
 DEFAULT_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right")
 BASELINE = "dense"
 CONTROLS = ("random", "oracle")  # the yardsticks every method is paired with, by default
-# What a control takes from the method it is paired with, so that both run under the same policy.
-PAIRED_OPTIONS = ("density_table", "block_size", "dense_steps", "dense_layers", "min_seq_len")
+# What a control takes from the method it is paired with: its measured densities, and its policy, so that both
+# run under the same policy.
+PAIRED_POLICY = ("block_size", "dense_steps", "dense_layers", "min_seq_len")
+PAIRED_OPTIONS = ("density_table", *PAIRED_POLICY)
 
 
 @dataclass
@@ -172,7 +174,7 @@ class Evaluation:
                  dense_video: torch.Tensor, dense_record: dict) -> dict:
         """`control` at the density `name` measured per (step, layer, head), under the same policy."""
         table = tuple((s, l, tuple(d)) for s, l, d in record["density_table"])
-        options = {"density_table": table, **{key: getattr(config, key) for key in PAIRED_OPTIONS[1:]},
+        options = {"density_table": table, **{key: getattr(config, key) for key in PAIRED_POLICY},
                    **({"seed": seed} if control == "random" else {}), **self.settings.configs.get(control, {})}
         _, paired = self.method(control, resolve_config(control, **options), prompt_idx, prompt, seed, dense_video,
                                 dense_record, paired_with=name)
@@ -180,8 +182,10 @@ class Evaluation:
         paired["config"].pop("density_table")
         return paired
 
-    def validate(self) -> tuple[list[str], list[str]]:
-        """Check every name and option before anything is generated; returns (methods, controls) to run.
+    def validate(self) -> tuple[dict[str, Any], list[str]]:
+        """Check every name and option before anything is generated.
+
+        Returns the configs of the methods to run ({name: config}, in order) and the controls to pair them with.
 
         Raises ConfigError (UnknownMethodError for an unknown name) with what to pass instead.
         """
@@ -194,22 +198,24 @@ class Evaluation:
             raise ConfigError("random is a control, run at the density of each method it is paired with; name a method "
                               "to evaluate (e.g. --methods dense,window), or evaluate random itself as oracle's control "
                               "with --methods oracle")
-        for name in (*methods, *controls):  # unknown names and bad options fail now, not after the dense baselines
-            resolve_config(name, **settings.configs.get(name, {}))
+        # Unknown names and bad options fail now, not after the dense baselines.
+        configs = {name: resolve_config(name, **settings.configs.get(name, {})) for name in methods}
         unused = sorted(set(settings.configs) - {*methods, *controls})
         if unused:
             raise ConfigError(f"--config sets options of {unused}, which this evaluation does not run; "
                               f"it runs {', '.join([*methods, *controls]) or 'no method'}")
         for control in controls:
+            resolve_config(control, **settings.configs.get(control, {}))
             clash = sorted(set(settings.configs.get(control, {})) & set(PAIRED_OPTIONS))
             if clash:
                 raise ConfigError(f"--config {control}.{clash[0]} clashes with the control's pairing: {control} takes "
                                   f"{', '.join(PAIRED_OPTIONS)} from the method it is paired with; set them on that method")
-        return methods, controls
+        return configs, controls
 
     def run(self) -> list[dict]:
         """Evaluate every (prompt, seed) with every method and its controls at the method's measured density."""
-        methods, controls = self.validate()
+        configs, controls = self.validate()
+        methods = list(configs)
         items = [(i, p, s) for i, p in enumerate(self.settings.prompts) for s in range(self.settings.seeds)]
         todo = [(i, p, s, m) for i, p, s in items for m in methods]
         bar = tqdm(total=len(items) + len(todo) + sum(c != m for m in methods for c in controls) * len(items),
@@ -217,8 +223,7 @@ class Evaluation:
         for i, prompt, seed in items:
             dense_video, dense_record = self.dense(i, prompt, seed)
             bar.update(1)
-            for name in methods:
-                config = resolve_config(name, **self.settings.configs.get(name, {}))
+            for name, config in configs.items():
                 record = self._find(name, prompt, seed)
                 if record is None:
                     record = self._add(self.method(name, config, i, prompt, seed, dense_video, dense_record)[1])
