@@ -11,7 +11,7 @@ import torch
 
 from ..plan import HEAD_DENSE, AttentionPlan
 from .layout import finish, fixed_blocks_without_mask, permute, wants_lse_or_grad
-from .reference import fake_quant
+from .quant import fake_quant
 
 _compiled = None
 
@@ -70,8 +70,8 @@ def flex_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention with compiled FlexAttention. q, k, v: (B, S, H, D); returns (B, S, H, D) [, lse (B, H, S)]."""
     qh, kh, vh = permute(plan, *(x.transpose(1, 2) for x in (q, k, v)))
-    if plan.quant != "none":
-        qh, kh = fake_quant(qh, plan, "q"), fake_quant(kh, plan, "k")
+    if plan.quant != "none":  # rounded in float32 as the reference rounds, then back to the input dtype
+        qh, kh = fake_quant(qh, plan, "q").to(qh.dtype), fake_quant(kh, plan, "k").to(kh.dtype)
     result = compiled_flex_attention()(
         qh.contiguous(), kh.contiguous(), vh.contiguous(), block_mask=block_mask(plan, q.device), scale=scale,
         return_lse=return_lse,

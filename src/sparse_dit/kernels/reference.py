@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from ..plan import HEAD_DENSE, AttentionPlan
 from .layout import finish, permute
-
-_QUANT_LEVELS = {"int8": 127.0, "int4": 7.0}
+from .quant import fake_quant
 
 
 def token_mask(plan: AttentionPlan, batch: int, heads: int) -> torch.Tensor:
@@ -24,17 +23,6 @@ def token_mask(plan: AttentionPlan, batch: int, heads: int) -> torch.Tensor:
         dense = (plan.head_mode == HEAD_DENSE).expand(batch, heads)
         mask = mask | dense[..., None, None]
     return mask
-
-
-def fake_quant(x: torch.Tensor, plan: AttentionPlan, axis: str) -> torch.Tensor:
-    """Round x (B, H, S, D) to the plan's integer grid with one scale per (batch, head, block)."""
-    levels = _QUANT_LEVELS[plan.quant]
-    idx = plan.token_block_index(axis).expand(*x.shape[:3])
-    nblocks = int(idx.max()) + 1
-    amax = torch.zeros(*x.shape[:2], nblocks, dtype=x.dtype, device=x.device)
-    amax = amax.scatter_reduce(2, idx, x.abs().amax(dim=-1), reduce="amax", include_self=True)
-    scale = (amax.clamp_min(1e-12) / levels).gather(2, idx)[..., None]
-    return torch.round(x / scale).clamp(-levels, levels) * scale
 
 
 def reference_attention(
@@ -72,7 +60,7 @@ def reference_attention(
         lse = None
     else:
         if plan.quant != "none":
-            qh, kh = fake_quant(qh.float(), plan, "q"), fake_quant(kh.float(), plan, "k")
+            qh, kh = fake_quant(qh, plan, "q"), fake_quant(kh, plan, "k")
         scores = (qh.float() @ kh.float().transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
         scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)

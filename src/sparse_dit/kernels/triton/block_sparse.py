@@ -28,7 +28,7 @@ import triton.language as tl
 from ...plan import AttentionPlan
 from ..layout import finish, permute
 from .csr import block_bounds, plan_csr, query_tiles
-from .int8 import quantize_blocks
+from ..quant import quantize_blocks
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a jit function reads only constexpr globals
