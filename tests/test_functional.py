@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sparse_dit import ShapeError, sparse_attention
 from sparse_dit.patterns import PlanContext, WindowConfig, WindowPlanner
+from sparse_dit.state import SiteState
 
 from conftest import TOL
 
@@ -45,7 +46,7 @@ def _brute_force_layout(grid, window, block_size):
 def test_window_layout_is_the_3d_neighbourhood():
     grid, window, bs = (4, 6, 8), (3, 3, 9), 8  # one block per grid row
     ctx = PlanContext(grid=grid)
-    plan = WindowPlanner(WindowConfig(window=window, block_size=bs)).plan(None, None, ctx)
+    plan = WindowPlanner(WindowConfig(window=window, block_size=bs)).plan(None, None, ctx, SiteState())
     assert torch.equal(plan.layout[0, 0], _brute_force_layout(grid, window, bs))
     assert 0 < plan.density < 0.5
 
@@ -61,7 +62,7 @@ def test_text_is_always_kept(position):
     # Text queries attend every key: their outputs are dense attention's.
     torch.testing.assert_close(out[:, text], sdpa(q, k, v)[:, text])
     plan = WindowPlanner(WindowConfig(window=1, block_size=bs)).plan(
-        q, k, PlanContext(grid=grid, text_len=text_len, text_position=position))
+        q, k, PlanContext(grid=grid, text_len=text_len, text_position=position), SiteState())
     idx = torch.arange(s) // bs
     mask = plan.layout[0, 0][idx][:, idx]
     assert mask[:, text].all() and mask[text, :].all()
@@ -95,10 +96,10 @@ def test_random_control_follows_the_density_table():
 
     planner = RandomPlanner(RandomConfig(block_size=16, density_table=((2, 1, (0.125, 0.5)),)))
     ctx = PlanContext(grid=(4, 16, 16), heads=2, step=2, layer=1)
-    plan = planner.plan(None, None, ctx)
+    plan = planner.plan(None, None, ctx, SiteState())
     assert plan.head_densities()[0].tolist() == pytest.approx([0.125, 0.5])
-    assert torch.equal(plan.layout, planner.plan(None, None, ctx).layout)  # reproducible
-    other = planner.plan(None, None, PlanContext(grid=(4, 16, 16), heads=2, step=3, layer=1))
+    assert torch.equal(plan.layout, planner.plan(None, None, ctx, SiteState()).layout)  # reproducible
+    other = planner.plan(None, None, PlanContext(grid=(4, 16, 16), heads=2, step=3, layer=1), SiteState())
     assert other.head_densities()[0].tolist() == pytest.approx([0.2, 0.2], abs=0.01)  # no entry: `density`
     q, k, v = qkv(1, 1024)
     out = sparse_attention(q, k, v, method="random", grid=(4, 16, 16), density=0.25, block_size=64, min_seq_len=0,

@@ -10,6 +10,7 @@ from sparse_dit import ConfigError, kernels
 from sparse_dit.patterns import PlanContext, build_planner, resolve_config
 from sparse_dit.patterns.block_mass import block_mass, top_share
 from sparse_dit.patterns.oracle import select_by_mass, select_top_blocks
+from sparse_dit.state import SiteState
 
 from conftest import TOL
 
@@ -97,7 +98,7 @@ def _ctx(grid, text_len=0, position="none", batch=2, heads=2):
 def test_full_oracle_is_dense_attention(dtype, options):
     ctx = _ctx((3, 5, 7), text_len=5, position="prefix")  # 110 tokens: not a multiple of the block
     q, k, v = (torch.randn(2, ctx.seq_len, 2, 16).to(dtype) for _ in range(3))
-    plan = build_planner(resolve_config("oracle", block_size=16, **options)).plan(q, k, ctx)
+    plan = build_planner(resolve_config("oracle", block_size=16, **options)).plan(q, k, ctx, SiteState())
     assert plan.density == pytest.approx(1.0)
     out = kernels.run(q, k, v, plan, backend="reference")
     expected = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
@@ -108,7 +109,7 @@ def test_full_oracle_is_dense_attention(dtype, options):
 def test_text_rows_and_columns_are_kept(position):
     ctx = _ctx((2, 8, 8), text_len=20, position=position)
     q, k = torch.randn(2, ctx.seq_len, 2, 16), torch.randn(2, ctx.seq_len, 2, 16)
-    plan = build_planner(resolve_config("oracle", block_size=16, density=0.1)).plan(q, k, ctx)
+    plan = build_planner(resolve_config("oracle", block_size=16, density=0.1)).plan(q, k, ctx, SiteState())
     text = ctx.text_token_mask()
     text_blocks = torch.nn.functional.pad(text, (0, (-text.numel()) % 16)).view(-1, 16).any(-1)
     assert plan.layout[:, :, text_blocks].all() and plan.layout[:, :, :, text_blocks].all()
@@ -119,10 +120,10 @@ def test_density_table_sets_the_count_per_head():
     ctx = PlanContext(grid=(1, 16, 16), batch=1, heads=2, step=3, layer=1)
     q, k = torch.randn(1, 256, 2, 8), torch.randn(1, 256, 2, 8)
     config = resolve_config("oracle", block_size=16, density_table=((3, 1, (0.25, 0.5)),))
-    layout = build_planner(config).plan(q, k, ctx).layout
+    layout = build_planner(config).plan(q, k, ctx, SiteState()).layout
     assert layout.sum(-1)[0, 0].eq(4).all() and layout.sum(-1)[0, 1].eq(8).all()
     other = PlanContext(grid=(1, 16, 16), batch=1, heads=2, step=4, layer=1)  # not in the table: `density`
-    assert build_planner(config).plan(q, k, other).layout.sum(-1).eq(round(0.2 * 16)).all()
+    assert build_planner(config).plan(q, k, other, SiteState()).layout.sum(-1).eq(round(0.2 * 16)).all()
 
 
 def test_oracle_loses_less_than_random_on_concentrated_attention():
@@ -131,10 +132,10 @@ def test_oracle_loses_less_than_random_on_concentrated_attention():
     centres = torch.randn(16, 1, 2, 16).repeat_interleave(16, dim=0).view(1, 256, 2, 16)  # one direction per block
     q, k = (centres * 2 + 0.3 * torch.randn(1, 256, 2, 16) for _ in range(2))
     v = torch.randn(1, 256, 2, 16)
-    dense = kernels.run(q, k, v, build_planner(resolve_config("dense", block_size=16)).plan(q, k, ctx), backend="reference")
+    dense = kernels.run(q, k, v, build_planner(resolve_config("dense", block_size=16)).plan(q, k, ctx, SiteState()), backend="reference")
     errors = {}
     for method in ("oracle", "random"):
-        plan = build_planner(resolve_config(method, block_size=16, density=0.25)).plan(q, k, ctx)
+        plan = build_planner(resolve_config(method, block_size=16, density=0.25)).plan(q, k, ctx, SiteState())
         errors[method] = float((kernels.run(q, k, v, plan, backend="reference") - dense).norm() / dense.norm())
     assert errors["oracle"] < 0.5 * errors["random"]
 

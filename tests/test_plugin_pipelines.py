@@ -6,6 +6,7 @@ import torch
 import sparse_dit
 from sparse_dit.patterns import PlanContext, WindowPlanner, resolve_config
 from sparse_dit.pipelines import get_adapter
+from sparse_dit.state import SiteState
 
 from tiny_models import PIPELINE_FAMILIES, make_pipeline, make_wan22_pipeline
 
@@ -31,7 +32,7 @@ def rel_err(a, b):
 def plan_density(pipe, entry):
     position = get_adapter(pipe.transformer).text_position
     ctx = PlanContext(grid=entry.grid, text_len=entry.text_len, text_position=position if entry.text_len else "none")
-    return WindowPlanner(resolve_config("window", **WINDOW)).plan(None, None, ctx).density
+    return WindowPlanner(resolve_config("window", **WINDOW)).plan(None, None, ctx, SiteState()).density
 
 
 @pytest.mark.parametrize("name", FAMILIES)

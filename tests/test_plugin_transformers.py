@@ -5,6 +5,7 @@ import torch
 
 import sparse_dit
 from sparse_dit.patterns import PlanContext, WindowPlanner, resolve_config
+from sparse_dit.state import SiteState
 
 from tiny_models import TRANSFORMER_FAMILIES, make_transformer_case
 
@@ -55,7 +56,7 @@ def test_window_changes_output_and_reports_the_plans_density(case):
     assert rel_err(out, reference) > 1e-4
     stats = sparse_dit.sparse_attention_stats(case.model)
     ctx = PlanContext(grid=case.grid, text_len=case.text_len, text_position=case.text_position)
-    expected = WindowPlanner(resolve_config("window", **WINDOW)).plan(None, None, ctx).density
+    expected = WindowPlanner(resolve_config("window", **WINDOW)).plan(None, None, ctx, SiteState()).density
     assert expected < 1.0
     for (step, layer), entry in stats.entries.items():
         assert entry.sparse_calls == entry.calls

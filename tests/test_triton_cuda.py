@@ -297,7 +297,7 @@ def _check_case(case: dict, check: Checker) -> None:
                           heads=h, device=dev)
         s = ctx.seq_len
         q, k, v = (randn(b, s, h, d) for _ in range(3))
-        plan = build_planner(resolve_config(case["method"], block_size=case["block"])).plan(q, k, ctx)
+        plan = build_planner(resolve_config(case["method"], block_size=case["block"])).plan(q, k, ctx, SiteState())
         plan.check_rows()
         if not 0 < plan.density < 1:
             check.fail(f"plan density {plan.density:.3f}: not a sparse plan")

@@ -6,6 +6,7 @@
     pipe.disable_sparse_attention()          # back to the exact dense model
 """
 
+from .attention import SparseAttention
 from .config import SparseAttentionConfig
 from .errors import (
     ConfigError,
@@ -16,9 +17,10 @@ from .errors import (
     UnsupportedModelError,
 )
 from .functional import sparse_attention
-from .patterns import DenseConfig, WindowConfig, list_methods, resolve_config
+from .patterns import DenseConfig, Planner, WindowConfig, list_methods, register_method, resolve_config
 from .pipelines.demo import load_demo_pipeline
-from .plan import AttentionPlan
+from .plan import AttentionPlan, PlanContext
+from .state import SiteState
 from .plugin import (
     AttentionStats,
     disable_sparse_attention,
@@ -34,6 +36,10 @@ install_pipeline_methods()
 __all__ = [
     "AttentionPlan",
     "AttentionStats",
+    "PlanContext",
+    "Planner",
+    "SiteState",
+    "SparseAttention",
     "ConfigError",
     "DenseConfig",
     "DiffusersCompatibilityError",
@@ -47,6 +53,7 @@ __all__ = [
     "enable_sparse_attention",
     "list_methods",
     "load_demo_pipeline",
+    "register_method",
     "resolve_config",
     "sparse_attention",
     "sparse_attention_stats",

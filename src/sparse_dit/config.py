@@ -16,11 +16,15 @@ def _check(condition: bool, name: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{name}={value!r} is out of range: expected {expected}")
 
 
+def _is_int(value: Any) -> bool:
+    # bool is an int to Python; block_size=True is a mistake, not a block of 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_int_tuple(name: str, value: Any, length: int, minimum: int, allow_full: bool = False) -> tuple[int, ...]:
     """Normalise an int or a sequence of ints to a tuple of `length`; -1 means "the whole axis" if allowed."""
     values = (value,) * length if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    # bool is an int to Python; window=True is a mistake, not a window of 1.
-    ok = len(values) == length and all(isinstance(v, int) and not isinstance(v, bool) and (v >= minimum or (allow_full and v == -1))
+    ok = len(values) == length and all(_is_int(v) and (v >= minimum or (allow_full and v == -1))
                                        for v in values)
     expected = f"an int or {length} ints, each >= {minimum}" + (" or -1 (whole axis)" if allow_full else "")
     _check(ok, name, value, expected)
@@ -40,6 +44,11 @@ class SparseAttentionConfig:
         backend: kernel backend, see `sparse_dit.kernels.run`.
         num_inference_steps: total denoising steps, needed only to turn a fractional `dense_steps` into a
             count when a bare transformer (no pipeline) is hooked.
+        replan_every: a dynamic method (one whose plan depends on q and k) plans at its first sparse step and
+            then every `replan_every` steps, reusing its plan per (site, CFG branch) in between. 1 plans every
+            step. Static methods ignore it.
+        replan_steps: the exact steps a dynamic method plans at, instead of `replan_every` (it also plans
+            whenever it has no plan that fits the call).
     """
 
     method: ClassVar[str] = ""
@@ -50,6 +59,8 @@ class SparseAttentionConfig:
     block_size: int = 64
     backend: str = "auto"
     num_inference_steps: int | None = None
+    replan_every: int = 1
+    replan_steps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         steps = self.dense_steps
@@ -63,10 +74,16 @@ class SparseAttentionConfig:
         _check(all(isinstance(i, int) and i >= 0 for i in layers), "dense_layers", self.dense_layers, "layer indices >= 0")
         object.__setattr__(self, "dense_layers", layers)
         _check(isinstance(self.min_seq_len, int) and self.min_seq_len >= 0, "min_seq_len", self.min_seq_len, "an int >= 0")
-        _check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size >= 1, "block_size", self.block_size, "an int >= 1 (64 or 128 on GPU)")
+        _check(_is_int(self.block_size) and self.block_size >= 1, "block_size", self.block_size, "an int >= 1 (64 or 128 on GPU)")
         _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
         n = self.num_inference_steps
-        _check(n is None or (isinstance(n, int) and n >= 1), "num_inference_steps", n, "None or an int >= 1")
+        _check(n is None or (_is_int(n) and n >= 1), "num_inference_steps", n, "None or an int >= 1")
+        _check(_is_int(self.replan_every) and self.replan_every >= 1, "replan_every", self.replan_every, "an int >= 1")
+        if self.replan_steps is not None:
+            steps = (self.replan_steps,) if _is_int(self.replan_steps) else self.replan_steps
+            ok = isinstance(steps, (tuple, list)) and all(_is_int(i) and i >= 0 for i in steps)
+            _check(ok, "replan_steps", self.replan_steps, "None or step indices >= 0")
+            object.__setattr__(self, "replan_steps", tuple(sorted(set(steps))))
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -5,13 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from . import kernels
 from .attention import SparseAttention
-from .errors import ShapeError
-from .patterns import resolve_config
-from .patterns.base import PlanContext, TextPosition
+from .plan import TextPosition
 
 
 def sparse_attention(
@@ -46,33 +42,12 @@ def sparse_attention(
     Returns:
         (B, S, H, D), like `F.scaled_dot_product_attention` on (B, S, H, D) inputs.
 
+    Each call builds its planner afresh. To reuse plans and a dynamic method's state across the layers and
+    steps of a generation, keep a `sparse_dit.SparseAttention(method, **config)` and call it instead.
+
     Example:
         >>> out = sparse_attention(q, k, v, method="window", grid=(8, 16, 16), window=(3, 7, 7), min_seq_len=0)
     """
-    if q.dim() != 4:
-        raise ShapeError(f"q must be (B, S, H, D), got {tuple(q.shape)}")
-    b, s, h, _ = q.shape
-    if grid is None:
-        grid = (1, 1, s - text_len)
-    ctx = PlanContext(
-        grid=tuple(int(n) for n in grid),
-        text_len=text_len,
-        text_position=text_position if text_len else "none",
-        batch=b,
-        heads=h,
-        layer=layer,
-        step=step,
-        num_steps=num_steps,
-        device=q.device,
-    )
-    if ctx.seq_len != s:
-        raise ShapeError(f"grid {ctx.grid} ({ctx.num_video_tokens} tokens) + text_len {text_len} = {ctx.seq_len}, but S = {s}")
-    engine = SparseAttention(resolve_config(method, **config))
-    if engine.dense_reason(ctx) is not None:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale,
-            enable_gqa=k.shape[2] != h,
-        )
-        return out.transpose(1, 2)
-    plan = engine.plan(q, k, ctx)
-    return kernels.run(q, k, v, plan, backend=engine.config.backend, scale=scale, attn_mask=attn_mask)
+    attention = SparseAttention(method, **config)
+    return attention(q, k, v, grid=grid, text_len=text_len, text_position=text_position, layer=layer, step=step,
+                     num_steps=num_steps, scale=scale, attn_mask=attn_mask)

@@ -1,4 +1,4 @@
-"""`AttentionPlan`: what a method decides for one attention call, and the only thing kernels read.
+"""`PlanContext` and `AttentionPlan`: what a method sees of one attention call, and what it decides.
 
 Methods *plan*, kernels *execute*: a plan holds, per batch row and head, an optional token order, block
 boundaries, the set of (query block, key block) pairs to compute, a per-head mode and the Q·K arithmetic.
@@ -15,6 +15,12 @@ from typing import Literal
 import torch
 
 from .errors import ShapeError
+
+TextPosition = Literal["prefix", "suffix", "none"]
+# The classifier-free-guidance branch of a call, as diffusers pipelines name their cache contexts: "cond" and
+# "uncond" for one branch per call (Wan, Flux, HunyuanVideo, QwenImage), "cond_uncond" for both in one batch
+# (CogVideoX, LTX, Mochi: rows [uncond..., cond...]), None when unknown (no CFG, SD3, a bare transformer).
+Branch = Literal["cond", "uncond", "cond_uncond"]
 
 HEAD_DENSE = 0
 HEAD_SPARSE = 1
@@ -133,3 +139,84 @@ class AttentionPlan:
         """A plan that computes every block: density 1.0."""
         n = -(-seq_len // block_size)
         return cls(seq_len=seq_len, layout=torch.ones(1, 1, n, n, dtype=torch.bool, device=device), block_size=block_size)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Where an attention call sits: the token layout of its sequence and its place in the model and run.
+
+    Attributes:
+        grid: (F, H, W) video token grid after patching, tokens in f-major order (F = 1 for images).
+        text_len: number of non-video tokens (text, image conditioning) in the joint sequence.
+        text_position: "prefix" ([text | video]), "suffix" ([video | text]) or "none".
+        batch, heads: B and H of the call.
+        layer: index of the self-attention layer within its transformer (None outside a model); what the
+            `dense_layers` policy reads.
+        site: the call site, unique across every transformer of a pipeline ("transformer.blocks.0.attn1",
+            "transformer_2.blocks.0.attn1" for Wan 2.2's second expert); None for an anonymous functional call.
+            Per-site planner state and pattern files key on it.
+        branch: the classifier-free-guidance branch ("cond", "uncond", "cond_uncond"), None when unknown.
+        step, num_steps: denoising step index and count (None when unknown).
+        timestep: the scheduler's timestep of the call (None when unknown).
+        device: where the plan's tensors should live.
+    """
+
+    grid: tuple[int, int, int]
+    text_len: int = 0
+    text_position: TextPosition = "none"
+    batch: int = 1
+    heads: int = 1
+    layer: int | None = None
+    site: str | None = None
+    branch: Branch | None = None
+    step: int | None = None
+    num_steps: int | None = None
+    timestep: float | None = None
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:
+        if len(self.grid) != 3 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.grid):
+            raise ShapeError(f"grid must be three positive ints (F, H, W), got {self.grid}")
+        if self.text_len < 0:
+            raise ShapeError(f"text_len must be >= 0, got {self.text_len}")
+        if self.text_len > 0 and self.text_position not in ("prefix", "suffix"):
+            raise ShapeError(f"text_len={self.text_len} needs text_position 'prefix' or 'suffix', got {self.text_position!r}")
+
+    @property
+    def num_video_tokens(self) -> int:
+        """N = F * H * W."""
+        f, h, w = self.grid
+        return f * h * w
+
+    @property
+    def seq_len(self) -> int:
+        """S = N + text_len."""
+        return self.num_video_tokens + self.text_len
+
+    @property
+    def video_start(self) -> int:
+        """Index of the first video token in the sequence."""
+        return self.text_len if self.text_position == "prefix" else 0
+
+    @property
+    def state_key(self) -> tuple[str | None, str | None]:
+        """(site, branch): what per-site planner state is kept under."""
+        return self.site, self.branch
+
+    def row_branches(self) -> tuple[str | None, ...]:
+        """The CFG branch of every batch row: (B,) labels. Under "cond_uncond" the first half of the rows is
+        uncond and the second cond, the order every diffusers pipeline concatenates them in."""
+        if self.branch == "cond_uncond" and self.batch % 2 == 0:
+            half = self.batch // 2
+            return ("uncond",) * half + ("cond",) * half
+        return (self.branch,) * self.batch
+
+    def text_token_mask(self) -> torch.Tensor:
+        """bool (S,), True at text tokens."""
+        mask = torch.zeros(self.seq_len, dtype=torch.bool, device=self.device)
+        if self.text_len:
+            if self.text_position == "prefix":
+                mask[: self.text_len] = True
+            else:
+                mask[self.num_video_tokens :] = True
+        return mask

@@ -104,7 +104,7 @@ class Evaluation:
         Returns the video, the median end-to-end seconds, the last run's stats and the median attention seconds.
         """
         runtime = runtime_of(self.pipe)
-        runtime.synchronize = True
+        runtime.engine.synchronize = True
         if key not in self._warm:
             for _ in range(self.settings.warmup):
                 self._generate(prompt, seed)

@@ -1,83 +1,37 @@
-"""The planner protocol: what a method sees of one attention call, and what it must return."""
+"""The planner protocol: what a method sees of one attention call, and what it must return.
+
+A method is a `Planner` subclass with a config dataclass, registered by name:
+
+    @register_method
+    class MyPlanner(Planner):
+        name = "mine"
+        config_cls = MyConfig          # a SparseAttentionConfig subclass with method = "mine"
+
+        def plan(self, q, k, ctx, state):
+            ...                        # -> AttentionPlan
+
+See docs/adding_a_method.md.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Hashable, Literal
+import inspect
+from typing import ClassVar, Hashable
 
 import torch
 
 from ..config import SparseAttentionConfig
-from ..errors import ShapeError
-from ..plan import AttentionPlan
-
-TextPosition = Literal["prefix", "suffix", "none"]
-
-
-@dataclass(frozen=True)
-class PlanContext:
-    """Where an attention call sits: the token layout of its sequence and its place in the model and run.
-
-    Attributes:
-        grid: (F, H, W) video token grid after patching, tokens in f-major order (F = 1 for images).
-        text_len: number of non-video tokens (text, image conditioning) in the joint sequence.
-        text_position: "prefix" ([text | video]), "suffix" ([video | text]) or "none".
-        batch, heads: B and H of the call.
-        layer: index of the self-attention layer (None outside a model).
-        step, num_steps: denoising step index and count (None when unknown).
-        device: where the plan's tensors should live.
-    """
-
-    grid: tuple[int, int, int]
-    text_len: int = 0
-    text_position: TextPosition = "none"
-    batch: int = 1
-    heads: int = 1
-    layer: int | None = None
-    step: int | None = None
-    num_steps: int | None = None
-    device: torch.device = torch.device("cpu")
-
-    def __post_init__(self) -> None:
-        if len(self.grid) != 3 or any(int(n) < 1 for n in self.grid):
-            raise ShapeError(f"grid must be three positive sizes (F, H, W), got {self.grid}")
-        if self.text_len < 0:
-            raise ShapeError(f"text_len must be >= 0, got {self.text_len}")
-        if self.text_len > 0 and self.text_position not in ("prefix", "suffix"):
-            raise ShapeError(f"text_len={self.text_len} needs text_position 'prefix' or 'suffix', got {self.text_position!r}")
-
-    @property
-    def num_video_tokens(self) -> int:
-        """N = F * H * W."""
-        f, h, w = self.grid
-        return f * h * w
-
-    @property
-    def seq_len(self) -> int:
-        """S = N + text_len."""
-        return self.num_video_tokens + self.text_len
-
-    @property
-    def video_start(self) -> int:
-        """Index of the first video token in the sequence."""
-        return self.text_len if self.text_position == "prefix" else 0
-
-    def text_token_mask(self) -> torch.Tensor:
-        """bool (S,), True at text tokens."""
-        mask = torch.zeros(self.seq_len, dtype=torch.bool, device=self.device)
-        if self.text_len:
-            if self.text_position == "prefix":
-                mask[: self.text_len] = True
-            else:
-                mask[self.num_video_tokens :] = True
-        return mask
-
+from ..errors import ConfigError
+from ..plan import AttentionPlan, PlanContext, TextPosition  # noqa: F401  (re-exported for methods)
+from ..state import SiteState
 
 class Planner:
     """Base of every method: subclasses set `name`, `config_cls` and implement `plan`.
 
-    A planner is built once per enabled model (or per functional call) from its config, and may keep state
-    across calls (k-means centroids, cached search results) keyed by layer.
+    A planner is built once per enabled model (or `SparseAttention` object) from its config. What it
+    remembers between calls lives in the `SiteState` it is handed, one per (site, CFG branch) and pipeline
+    call, never on the planner itself: Wan 2.2's two experts and the cond and uncond branches then never
+    mix, and nothing leaks into the next pipeline call.
     """
 
     name: ClassVar[str]
@@ -87,19 +41,32 @@ class Planner:
     def __init__(self, config: SparseAttentionConfig) -> None:
         self.config = config
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext) -> AttentionPlan:
-        """Plan one call. q, k: (B, S, H, D) after the model's norms and RoPE."""
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
+        """Plan one call.
+
+        Args:
+            q, k: (B, S, H, D) after the model's norms and RoPE (k may have fewer heads: GQA).
+            ctx: where the call sits (grid, text span, site, CFG branch, step, timestep).
+            state: this (site, branch)'s memory for the current pipeline call, from `new_state`.
+        Returns:
+            The plan; its tensors broadcast to (B, H) and live on `ctx.device`.
+        """
         raise NotImplementedError
 
-    def cache_key(self, ctx: PlanContext) -> Hashable | None:
-        """A key under which the plan may be reused across calls, or None to plan every call.
+    def new_state(self, ctx: PlanContext) -> SiteState:
+        """The empty state of a (site, branch), made at its first call in a pipeline call."""
+        return SiteState()
 
-        Static methods key on the token layout only; dynamic ones return None (or key on a step bucket).
+    def cache_key(self, ctx: PlanContext) -> Hashable | None:
+        """A key under which the plan may be reused across calls and pipeline calls, or None.
+
+        Static methods key on the token layout only. Dynamic ones return None: their plan is kept in the
+        site's state and remade on the steps of the re-plan schedule (`replan_every`, `replan_steps`).
         """
         return None
 
     def reset(self) -> None:
-        """Forget per-run state; called at the end of every pipeline call."""
+        """Called at the end of every pipeline call, after every site's state is dropped."""
 
 
 def keep_text_and_diagonal(layout: torch.Tensor, ctx: PlanContext, block_size: int) -> torch.Tensor:
@@ -127,8 +94,31 @@ _REGISTRY: dict[str, type[Planner]] = {}
 
 
 def register_method(cls: type[Planner]) -> type[Planner]:
-    """Class decorator that makes a planner available by its `name`."""
-    _REGISTRY[cls.name] = cls
+    """Class decorator that makes a planner available by its `name` to `enable_sparse_attention`,
+    `sparse_attention`, `SparseAttention` and `sparse-dit eval`.
+
+    Raises:
+        ConfigError: the class is not a complete planner, or another class already has its name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Planner)):
+        raise ConfigError(f"register_method decorates Planner subclasses, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"{cls.__name__}.name must be an identifier-like string, got {name!r}")
+    config_cls = getattr(cls, "config_cls", None)
+    if not (isinstance(config_cls, type) and issubclass(config_cls, SparseAttentionConfig)) or config_cls.method != name:
+        raise ConfigError(
+            f"{cls.__name__}.config_cls must be a SparseAttentionConfig dataclass whose `method` is {name!r}, got {config_cls!r}"
+        )
+    if cls.plan is Planner.plan:
+        raise ConfigError(f"{cls.__name__} must implement plan(q, k, ctx, state)")
+    if len(inspect.signature(cls.plan).parameters) != 5:
+        raise ConfigError(f"{cls.__name__}.plan must take (self, q, k, ctx, state), got {inspect.signature(cls.plan)}")
+    existing = _REGISTRY.get(name)
+    # Re-importing the defining module (a notebook cell run twice) re-registers the same class.
+    if existing is not None and existing.__qualname__ + existing.__module__ != cls.__qualname__ + cls.__module__:
+        raise ConfigError(f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}; pick another name")
+    _REGISTRY[name] = cls
     return cls
 
 

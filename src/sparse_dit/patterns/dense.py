@@ -9,6 +9,7 @@ import torch
 
 from ..config import SparseAttentionConfig
 from ..plan import AttentionPlan
+from ..state import SiteState
 from .base import PlanContext, Planner, register_method
 
 
@@ -27,7 +28,7 @@ class DensePlanner(Planner):
     config_cls = DenseConfig
     description = "every block computed (density 1.0), through the sparse path"
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext) -> AttentionPlan:
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         return AttentionPlan.full(ctx.seq_len, self.config.block_size, device=ctx.device)
 
     def cache_key(self, ctx: PlanContext) -> Hashable:

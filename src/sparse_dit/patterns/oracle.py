@@ -15,6 +15,7 @@ import torch
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
 from ..plan import AttentionPlan
+from ..state import SiteState
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 from .block_mass import block_mass
 from .random import DensityTable, check_density_table, head_densities
@@ -99,7 +100,7 @@ class OraclePlanner(Planner):
         super().__init__(config)
         self._table = {(s, l): ds for s, l, ds in config.density_table}
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext) -> AttentionPlan:
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         bs = self.config.block_size
         mass = block_mass(q, k, bs, self.config.scale)
         if self.config.mass is not None:

@@ -14,6 +14,7 @@ import torch
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
 from ..plan import AttentionPlan
+from ..state import SiteState
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 
 DensityTable = tuple[tuple[int, int, tuple[float, ...]], ...]
@@ -70,7 +71,7 @@ class RandomPlanner(Planner):
         super().__init__(config)
         self._table = {(s, l): ds for s, l, ds in config.density_table}
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext) -> AttentionPlan:
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         bs = self.config.block_size
         n = -(-ctx.seq_len // bs)
         # Arithmetic, not hash(): hash(None) differs between processes on Python 3.11.

@@ -9,6 +9,7 @@ import torch
 
 from ..config import SparseAttentionConfig, check_int_tuple
 from ..plan import AttentionPlan
+from ..state import SiteState
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 from .geometry import block_boxes, box_gaps, token_coords
 
@@ -39,7 +40,7 @@ class WindowPlanner(Planner):
     config_cls = WindowConfig
     description = "static 3-D local window of blocks over the token grid"
 
-    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext) -> AttentionPlan:
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         bs = self.config.block_size
         lo, hi = block_boxes(token_coords(ctx), bs)
         radius = torch.tensor(

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import ShapeError, UnsupportedModelError
-from ..patterns.base import TextPosition
+from ..plan import TextPosition
 
 Grid = tuple[int, int, int]
 

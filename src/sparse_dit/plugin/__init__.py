@@ -8,7 +8,7 @@ from .api import (
     sparse_attention_stats,
     transformers_of,
 )
-from .stats import AttentionStats, LayerStepStats
+from ..stats import AttentionStats, LayerStepStats
 
 __all__ = [
     "AttentionStats",

@@ -14,7 +14,7 @@ from ..pipelines.adapters import get_adapter, supported_models
 from . import compat
 from .hooks import ATTENTION_HOOK, ROOT_HOOK, SparseAttentionHook, SparseRootHook
 from .runtime import AttentionSite, SparseAttentionRuntime
-from .stats import AttentionStats
+from ..stats import AttentionStats
 
 _RUNTIME_ATTR = "_sparse_dit_runtime"
 _CREATED_ATTR = "_sparse_dit_created"  # registries and forwards this package added, to remove on disable
@@ -28,18 +28,23 @@ def _is_pipeline(target: Any) -> bool:
 
 def transformers_of(target: Any) -> list[torch.nn.Module]:
     """The transformers `enable_sparse_attention` hooks in `target` (a pipeline or a transformer)."""
+    return list(named_transformers(target).values())
+
+
+def named_transformers(target: Any) -> dict[str, torch.nn.Module]:
+    """{component name: transformer} of a pipeline; a bare transformer is named "transformer"."""
     if isinstance(target, torch.nn.Module):
         get_adapter(target)
-        return [target]
+        return {"transformer": target}
     if not _is_pipeline(target):
         raise SparseDiTError(f"expected a diffusers DiffusionPipeline or transformer model, got {type(target).__name__}")
-    found = [m for name, m in target.components.items() if name.startswith("transformer") and isinstance(m, torch.nn.Module)]
+    found = {name: m for name, m in target.components.items() if name.startswith("transformer") and isinstance(m, torch.nn.Module)}
     if not found:
         raise UnsupportedModelError(
             f"{type(target).__name__} has no transformer component; sparse-dit hooks Diffusion Transformer pipelines "
             f"whose denoiser is one of: {', '.join(supported_models())}"
         )
-    for model in found:
+    for model in found.values():
         get_adapter(model)
     return found
 
@@ -88,17 +93,18 @@ def enable_sparse_attention(
         >>> pipe.enable_sparse_attention("window", window=(3, 9, 9))
     """
     config = resolve_config(spec, **overrides)
-    models = transformers_of(target)
+    named = named_transformers(target)
+    models = list(named.values())
     disable_sparse_attention(target)
     api = compat.load()
     runtime = SparseAttentionRuntime(config, pipeline=target if _is_pipeline(target) else None)
-    for model in models:
+    for component, model in named.items():
         adapter = get_adapter(model)
         _register(model, SparseRootHook(runtime, adapter), ROOT_HOOK)
         layer = 0
         for name, module in model.named_modules():
             if isinstance(module, api.attention_classes) and adapter.is_self_attention(name):
-                site = AttentionSite(name=name, layer=layer, text_position=adapter.text_position)
+                site = AttentionSite(f"{component}.{name}", name, layer, adapter.text_position)
                 _register(module, SparseAttentionHook(runtime, site), ATTENTION_HOOK)
                 layer += 1
         model._diffusers_hook.invalidate_child_registries_cache()

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .. import kernels
 from ..attention import SparseAttention
 from ..config import SparseAttentionConfig
 from ..errors import ShapeError, SparseDiTError
-from ..patterns.base import PlanContext, TextPosition
-from .stats import AttentionStats
+from ..plan import PlanContext, TextPosition
+from ..stats import AttentionStats
 
 
 @dataclass
@@ -24,13 +22,23 @@ class ForwardState:
     grid: tuple[int, int, int]
     step: int | None
     num_steps: int | None
+    timestep: float | None
     branch: str | None  # the pipeline's cache-context name: "cond", "uncond", "cond_uncond"
 
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """One hooked self-attention module."""
+    """One hooked self-attention module.
 
+    Attributes:
+        id: unique across the pipeline: the transformer's component name and the module's name,
+            "transformer.blocks.0.attn1" ("transformer_2.blocks.0.attn1" for Wan 2.2's second expert).
+        name: the module's name inside its transformer.
+        layer: index of the module among its transformer's self-attention modules.
+        text_position: where the model puts non-video tokens in the joint sequence.
+    """
+
+    id: str
     name: str
     layer: int
     text_position: TextPosition
@@ -105,18 +113,16 @@ class SparseAttentionRuntime:
     def __init__(self, config: SparseAttentionConfig, pipeline: Any = None) -> None:
         self.config = config
         self.engine = SparseAttention(config)
-        self.stats = AttentionStats()
         self.steps = StepTracker(pipeline)
         self.current: ForwardState | None = None
-        self.synchronize = False  # wait for CUDA around each call so `stats.seconds` is true wall time
         # Called as observer(site, ctx, q, k, scale) before every self-attention call: how offline tools
         # (sparse_dit.search.capture) read the model's real q and k without a method of their own.
         self.observers: list[Callable[[AttentionSite, PlanContext, torch.Tensor, torch.Tensor, float | None], None]] = []
 
-    def _now(self, device: torch.device) -> float:
-        if self.synchronize and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+    @property
+    def stats(self) -> AttentionStats:
+        """What the hooked attention computed in the current (or last) pipeline call."""
+        return self.engine.stats
 
     def begin_forward(self, grid: tuple[int, int, int], timestep: Any, context: Any) -> None:
         """Called by the root hook before every transformer forward."""
@@ -124,7 +130,8 @@ class SparseAttentionRuntime:
         if new_run:
             self.stats.clear()
             self.engine.reset()
-        self.current = ForwardState(grid=grid, step=step, num_steps=num_steps, branch=getattr(context, "name", None))
+        self.current = ForwardState(grid=grid, step=step, num_steps=num_steps, timestep=_scalar(timestep),
+                                    branch=getattr(context, "name", None))
 
     def end_run(self) -> None:
         """Called when the pipeline resets stateful hooks at the end of a call."""
@@ -161,16 +168,9 @@ class SparseAttentionRuntime:
             )
         ctx = PlanContext(
             grid=state.grid, text_len=text_len, text_position=site.text_position if text_len else "none",
-            batch=b, heads=h, layer=site.layer, step=state.step, num_steps=state.num_steps, device=q.device,
+            batch=b, heads=h, layer=site.layer, site=site.id, branch=state.branch, step=state.step,
+            num_steps=state.num_steps, timestep=state.timestep, device=q.device,
         )
         for observer in self.observers:
             observer(site, ctx, q, k, scale)
-        start = self._now(q.device)
-        if self.engine.dense_reason(ctx) is not None:
-            out, heads, sparse = dense(), [1.0] * h, False
-        else:
-            plan = self.engine.plan(q, k, ctx)
-            out = kernels.run(q, k, v, plan, backend=self.config.backend, scale=scale, attn_mask=attn_mask)
-            heads, sparse = plan.mean_head_densities(h), True
-        self.stats.record(state.step, site.layer, heads, sparse, self._now(q.device) - start, state.grid, text_len)
-        return out
+        return self.engine.attend(q, k, v, ctx, scale=scale, attn_mask=attn_mask, dense=dense)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import SparseDiTError
 from ..patterns import resolve_config
-from ..patterns.base import PlanContext
+from ..plan import PlanContext
 from ..plugin import disable_sparse_attention, enable_sparse_attention
 from ..plugin.api import runtime_of
 

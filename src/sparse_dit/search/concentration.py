@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import SparseDiTError
-from ..patterns.base import PlanContext
+from ..plan import PlanContext
 from ..patterns.block_mass import block_mass, top_share
 from .capture import run_observed
 
