@@ -1,18 +1,14 @@
 """The Triton kernels on CPU (TRITON_INTERPRET=1) against the torch reference and torch re-implementations.
 
-@triton.jit reads TRITON_INTERPRET when a function is decorated, so it is set before anything here imports
-triton; `interpreted_kernels` rebuilds what another test file in the same process imported earlier. The
+@triton.jit reads TRITON_INTERPRET when a function is decorated, so `triton_interpreter` sets it before anything
+here imports triton, and rebuilds what another test file in the same process imported earlier. The
 interpreter costs about 5 ms per (program x key chunk), so inputs stay small: S=200 (a ragged last block
 for blocks of 64 and 128), D <= 64, two or three heads.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
+import triton_interpreter  # noqa: F401  (first: sets TRITON_INTERPRET before anything imports triton)
 
 import dataclasses
-import importlib
-import sys
 
 import pytest
 import torch
@@ -28,28 +24,7 @@ B, S, H = 2, 200, 3
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def interpreted_kernels():
-    """sparse_dit.kernels.triton with every jit function, triton's own included, built for the interpreter.
-
-    @triton.jit decides at decoration time, and anything importing torch._dynamo imports triton: in a shared
-    pytest process triton's @jit library functions (tl.max, tl.argmin, ...) and even the kernel package may
-    already exist in compiled mode. Rebuild them now that TRITON_INTERPRET is set.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(sys.modules["triton.language.standard"].max, InterpretedFunction):
-        for name in ("triton.language.math", "triton.language.standard", "triton.language.random", "triton.language"):
-            importlib.reload(sys.modules[name])
-    module = importlib.import_module("sparse_dit.kernels.triton")
-    if not module.is_interpreted():
-        for name in [n for n in sys.modules if n.startswith("sparse_dit.kernels.triton")]:
-            del sys.modules[name]
-        module = importlib.import_module("sparse_dit.kernels.triton")
-    assert module.is_interpreted()
-    return module
-
-
-tk = interpreted_kernels()
+tk = triton_interpreter.interpreted_kernels()
 
 
 def qkv(dtype, d=32, b=B, h=H):

@@ -62,14 +62,19 @@ def bare_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attenti
 
 
 def bare_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, backend: str):
-    """The kernel call alone, its inputs laid out and its block structure built beforehand (None if unknown)."""
-    if backend == "triton" or (backend == "auto" and q.is_cuda and kernels._triton_supports(plan, q, None, False)):
+    """The kernel call alone, its inputs laid out and its block structure built beforehand (None if unknown).
+
+    The backend is the one `kernels.run` picks for the same call (`kernels.select_backend`), so "auto" times
+    the kernel that actually runs.
+    """
+    backend = kernels.select_backend(plan, q, None, False, backend)
+    if backend == "triton":
         try:
             return bare_triton(q, k, v, plan)
         except Exception as exc:  # a timing aid only: without it the case reports no bookkeeping
             warnings.warn(f"no bare Triton timing: {type(exc).__name__}: {exc}")
             return None
-    if backend == "gather" or (backend == "auto" and q.device.type == "cpu"):
+    if backend == "gather":
         blocks, found = gather.block_rows(plan, q, k, v), gather.groups(plan, 1, q.shape[2], q.device)
         return lambda: gather.attend_blocks(*blocks, found, None)
     if backend == "flex":

@@ -1,38 +1,30 @@
 """Execute an `AttentionPlan`. Kernels know nothing of methods: they read the plan and compute.
 
-Backends:
+Backends (what each honours exactly is `capabilities.TABLE`):
 - "triton": the block-sparse Triton kernels on CUDA (`kernels.triton`): any plan, fp16/bf16, head dim 64
   or 128, no model mask, forward only.
 - "gather": the CPU fast path: each query block's kept key blocks gathered and run through the CPU flash
-  SDPA kernel, query blocks grouped by their key count (`kernels.gather`). Fixed blocks, no model mask, no
-  LSE, no gradient; no compilation.
+  SDPA kernel, query blocks grouped by their key count (`kernels.gather`). Fixed blocks, no low-bit Q·K, no
+  model mask, no LSE, no gradient; no compilation.
 - "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (runs on CPU and CUDA; slower
   than "gather" on CPU, see docs/benchmarks.md). Fixed blocks, no model mask; on CPU no LSE, no gradient.
 - "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
-- "auto": on CUDA "triton" where it applies, else "flex"; on CPU "gather" where it applies; below
-  AUTO_MIN_SEQ tokens, and for what no fast path runs (variable blocks on CPU, model masks, LSE), "reference".
+- "auto": on CUDA "triton" where it honours the call, else "flex"; on CPU "gather" where it does; below
+  AUTO_MIN_SEQ tokens, and for what no fast path honours (variable blocks or low-bit Q·K on CPU, model
+  masks, the LSE on CPU), "reference" (`capabilities.select_backend`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ShapeError
 from ..plan import AttentionPlan
 from . import flex, gather
+from .capabilities import AUTO_MIN_SEQ, BACKENDS, Capabilities, backend_capabilities, select_backend
 from .reference import reference_attention
 
-BACKENDS = ("auto", "triton", "gather", "flex", "reference")
-AUTO_MIN_SEQ = 512  # below it the reference is as fast and exact
-
-
-def _triton_supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
-    """Whether the Triton backend can run the call; it is imported on first use (that builds its kernels)."""
-    try:
-        from .triton import supports
-    except ImportError:  # triton is not installed
-        return False
-    return supports(plan, q, attn_mask, return_lse)
+__all__ = ["AUTO_MIN_SEQ", "BACKENDS", "Capabilities", "backend_capabilities", "run", "select_backend"]
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,43 +63,23 @@ def run(
     Args:
         q, k, v: (B, S, H, D) in fp32, fp16 or bf16; k and v may have fewer heads (grouped-query attention).
         plan: the plan, its tensors broadcastable to (B, H).
-        backend: "auto", "triton", "gather", "flex" or "reference" (see the module docstring).
+        backend: "auto", "triton", "gather", "flex" or "reference" (see the module docstring); a backend that
+            cannot honour a field of the plan or an option of the call raises `ConfigError`.
         scale: softmax scale, default D ** -0.5.
         attn_mask: optional model mask (bool, True = attend, or additive), broadcastable to (B, H, S, S).
         return_lse: also return the log-sum-exp of the scaled scores, float32 (B, H, S).
     Returns:
         (B, S, H, D) in q's dtype, or (out, lse).
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown kernel backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     k, v = _check_inputs(q, k, v, plan)
-    if backend == "auto" and q.is_cuda and _triton_supports(plan, q, attn_mask, return_lse):
-        backend = "triton"
-    if backend == "auto":
-        name, fast = ("flex", flex) if q.is_cuda else ("gather", gather)
-        fits = fast.supports(plan, q, attn_mask, return_lse) and plan.seq_len >= AUTO_MIN_SEQ
-        backend = name if fits else "reference"
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    backend = select_backend(plan, q, attn_mask, return_lse, backend, grad=grad)
     if backend == "gather":
-        if not gather.supports(plan, q, attn_mask, return_lse):
-            raise ConfigError(
-                "backend 'gather' runs fixed-block plans without a model attention mask, LSE or gradient; use "
-                "backend 'auto' or 'reference' for this call"
-            )
         return gather.gather_attention(q, k, v, plan, scale=scale)
     if backend == "triton":
-        if not _triton_supports(plan, q, attn_mask, return_lse):
-            raise ConfigError(
-                "backend 'triton' needs triton installed and CUDA fp16/bf16 tensors with head dim 64 or 128, no model "
-                "attention mask and no gradient; use backend 'auto' for this call"
-            )
         from .triton import triton_attention
 
         return triton_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
     if backend == "flex":
-        if not flex.supports(plan, q, attn_mask, return_lse):
-            raise ConfigError(
-                "backend 'flex' runs fixed-block plans without a model attention mask (on CPU: no gradient, no "
-                "LSE); use backend 'auto' or 'reference' for this call"
-            )
         return flex.flex_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
     return reference_attention(q, k, v, plan, scale=scale, attn_mask=attn_mask, return_lse=return_lse)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import HEAD_DENSE, AttentionPlan
-from .layout import finish, fixed_blocks_without_mask, permute, wants_lse_or_grad
+from .layout import finish, permute
 from .quant import fake_quant
 
 _compiled = None
@@ -30,13 +30,6 @@ def compiled_flex_attention():
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
-
-
-def supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
-    """Whether this path can run the call exactly: fixed blocks, no model mask, and on CPU (where inductor's
-    FlexAttention is inference-only and returns no LSE) no gradient and no LSE."""
-    cpu_limits = q.device.type == "cpu" and wants_lse_or_grad(q, return_lse)
-    return fixed_blocks_without_mask(plan, attn_mask) and not cpu_limits
 
 
 def block_mask(plan: AttentionPlan, device: torch.device):

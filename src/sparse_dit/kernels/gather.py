@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..plan import HEAD_DENSE, AttentionPlan
-from .layout import finish, fixed_blocks_without_mask, permute, wants_lse_or_grad
+from .layout import finish, permute
 
 CHUNK = 16  # query blocks per SDPA call
 KV_BYTES = 1 << 20  # most K + V bytes per query block in one SDPA call: half a core's L2 on the project's VM
@@ -31,11 +31,6 @@ class _Group:
     rows: torch.Tensor  # long (R,): flat query-block rows (b * H + h) * n + i
     cols: torch.Tensor  # long (R, kept): flat key-block rows of the same (b, h)
     valid: torch.Tensor | None  # bool (R, 1, 1, kept * block): False at padding keys past S; None if no padding
-
-
-def supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
-    """Fixed blocks, no model mask, no LSE, no gradient."""
-    return fixed_blocks_without_mask(plan, attn_mask) and not wants_lse_or_grad(q, return_lse)
 
 
 def groups(plan: AttentionPlan, batch: int, heads: int, device: torch.device) -> list[_Group]:

@@ -7,16 +7,6 @@ import torch
 from ..plan import HEAD_SKIP, AttentionPlan
 
 
-def fixed_blocks_without_mask(plan: AttentionPlan, attn_mask: torch.Tensor | None) -> bool:
-    """The plan uses fixed-size blocks and the call has no model attention mask: what the CPU paths need."""
-    return plan.q_bounds is None and plan.k_bounds is None and attn_mask is None
-
-
-def wants_lse_or_grad(q: torch.Tensor, return_lse: bool) -> bool:
-    """The call asks for the log-sum-exp or needs a gradient, which the CPU fast paths cannot give."""
-    return return_lse or (torch.is_grad_enabled() and q.requires_grad)
-
-
 def permute(plan: AttentionPlan, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Put (B, H, S, D) tensors in the plan's token order (a no-op without one)."""
     if plan.order is None:

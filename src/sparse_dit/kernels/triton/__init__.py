@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...plan import AttentionPlan
+from ..capabilities import Call, honours
 from .block_sparse import accepts, block_sparse_attention, is_interpreted
 from .csr import plan_csr
 from .helpers import block_attention_mass, block_mean_pool, kmeans_assign
@@ -21,12 +22,10 @@ __all__ = [
 
 
 def supports(plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None, return_lse: bool) -> bool:
-    """Whether the Triton kernel can run this call exactly: q (B, S, H, D) on CUDA (on CPU under the
-    interpreter) with a head dim and dtype it `accepts`, no model mask and no gradient (the kernel is forward
-    only). Any plan runs; the LSE is always computed, so `return_lse` does not matter."""
-    device_ok = q.device.type == ("cpu" if is_interpreted() else "cuda")
-    needs_grad = torch.is_grad_enabled() and q.requires_grad
-    return device_ok and accepts(q.shape[-1], q.dtype) and attn_mask is None and not needs_grad
+    """Whether the Triton kernel honours this call (its rows of `capabilities.TABLE`): q (B, S, H, D) on CUDA
+    (on CPU under the interpreter) with a head dim and dtype it `accepts`, no model mask and no gradient (the
+    kernel is forward only). Any plan runs; the LSE is always computed, so `return_lse` does not matter."""
+    return honours("triton", Call.of(plan, q, attn_mask, return_lse))
 
 
 # The one entry point runs every variant: fixed or variable blocks and int8/int4 Q·K follow from the plan

@@ -26,21 +26,19 @@ import triton
 import triton.language as tl
 
 from ...plan import AttentionPlan
+from ..capabilities import TRITON_GPU_DTYPES as GPU_DTYPES
+from ..capabilities import TRITON_GPU_HEAD_DIMS as GPU_HEAD_DIMS
+from ..capabilities import TRITON_INTERPRETER_DTYPES as INTERPRETER_DTYPES
+from ..capabilities import TRITON_INTERPRETER_HEAD_DIMS as INTERPRETER_HEAD_DIMS
 from ..layout import finish, permute
-from .csr import block_bounds, plan_csr, query_tiles
 from ..quant import quantize_blocks
+from .csr import block_bounds, plan_csr, query_tiles
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # a jit function reads only constexpr globals
 BLOCK_N = 64  # key rows per chunk in both variants
 FIXED_BLOCKS = (64, 128)  # block sizes of the fixed-block variant; other sizes run as variable blocks
-# On GPU the kernels take exactly what tests/test_triton_aot.py compiles and checks. fp32 is left to other
-# backends there: tensor cores would compute it in TF32, and fp32 tiles of D=128 overflow shared memory.
-GPU_HEAD_DIMS = (64, 128)
-GPU_DTYPES = (torch.float16, torch.bfloat16)
-# Under the interpreter also small heads (fast CPU tests) and fp32 (exact CPU tests).
-INTERPRETER_HEAD_DIMS = (16, 32, 64, 128)
-INTERPRETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The head dims and dtypes the kernels take (GPU_*, INTERPRETER_*) are rows of `capabilities.TABLE`.
 
 
 @triton.jit
