@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-# Query rows per chunk: 1024 rows x 16k keys x 2 heads in fp32 is 128 MB per batch row.
-CHUNK_ROWS = 1024
+from ..ops import CHUNK_ROWS, block_attention_mass
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
@@ -25,27 +24,12 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float |
     Returns:
         float32 (B, H, n, n), n = ceil(S / block_size).
     """
-    b, s, h, d = q.shape
-    if k.shape[2] != h:
-        k = k.repeat_interleave(h // k.shape[2], dim=2)
-    scale = d**-0.5 if scale is None else scale
-    n = -(-s // block_size)
-    pad = n * block_size - s
-    qh = q.transpose(1, 2).float()  # (B, H, S, D)
-    kh = k.transpose(1, 2).float()
-    out = torch.empty(b, h, n, n, dtype=torch.float32, device=q.device)
-    rows = max(block_size, CHUNK_ROWS // block_size * block_size)
-    for start in range(0, s, rows):
-        stop = min(s, start + rows)
-        probs = (qh[:, :, start:stop] @ kh.transpose(-1, -2) * scale).softmax(dim=-1)  # (B, H, r, S)
-        per_key_block = torch.nn.functional.pad(probs, (0, pad)).view(b, h, stop - start, n, block_size).sum(-1)
-        first, last = start // block_size, -(-stop // block_size)
-        row_pad = (last - first) * block_size - (stop - start)
-        summed = torch.nn.functional.pad(per_key_block, (0, 0, 0, row_pad)).view(b, h, last - first, block_size, n).sum(3)
-        counts = (torch.clamp(torch.arange(first + 1, last + 1, device=q.device) * block_size, max=s)
-                  - torch.arange(first, last, device=q.device) * block_size)
-        out[:, :, first:last] = summed / counts.view(1, 1, -1, 1)
-    return out
+    s = q.shape[1]
+    # Summed mass under dense attention's LSE (computed chunk by chunk on the way), then averaged over rows.
+    mass = block_attention_mass(q, k, None, block_size, scale, chunk_rows=CHUNK_ROWS)
+    starts = torch.arange(0, s, block_size, device=q.device)
+    counts = torch.clamp(starts + block_size, max=s) - starts
+    return mass / counts.view(1, 1, -1, 1)
 
 
 def top_share(mass: torch.Tensor, fraction: float) -> torch.Tensor:

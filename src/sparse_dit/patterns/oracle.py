@@ -14,6 +14,7 @@ import torch
 
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
+from ..ops import top_p_select
 from ..plan import AttentionPlan
 from ..state import SiteState
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
@@ -79,13 +80,7 @@ def select_by_mass(mass: torch.Tensor, threshold: float) -> torch.Tensor:
     Returns:
         bool (B, H, n, n).
     """
-    values, index = mass.sort(dim=-1, descending=True)
-    before = values.cumsum(dim=-1) - values  # mass of the blocks ranked above each one
-    # Round-off may leave a row's total a hair under the threshold: the top block is always kept.
-    keep_sorted = before < threshold - 1e-6
-    keep_sorted[..., 0] = True
-    layout = torch.zeros_like(keep_sorted).scatter_(-1, index, keep_sorted)
-    return layout | torch.eye(mass.shape[-1], dtype=torch.bool, device=mass.device)
+    return top_p_select(mass, threshold) | torch.eye(mass.shape[-1], dtype=torch.bool, device=mass.device)
 
 
 @register_method
