@@ -1,5 +1,7 @@
 """Small Triton kernels the planners need on GPU: block mean-pooling, exact block attention mass from a
-cached LSE, and one k-means assignment step. Each has a torch reference in tests/test_triton_kernels.py.
+cached LSE, and one k-means assignment step. Planners call them through `sparse_dit.ops`, which holds the
+torch version of each (every device) and runs these for the CUDA tensors they take; tests/test_ops.py checks
+the two agree.
 """
 
 from __future__ import annotations
