@@ -91,16 +91,18 @@ def test_shapes_that_do_not_fit_raise():
         PlanContext(grid=(0, 2, 2))
 
 
-def test_random_control_follows_the_density_table():
+def test_random_control_follows_a_density_pattern():
+    from sparse_dit import PatternFile
     from sparse_dit.patterns import RandomConfig, RandomPlanner
 
-    planner = RandomPlanner(RandomConfig(block_size=16, density_table=((2, 1, (0.125, 0.5)),)))
-    ctx = PlanContext(grid=(4, 16, 16), heads=2, step=2, layer=1)
+    pattern = PatternFile("random", tensors={"l1/density": torch.tensor([[0.125, 0.5]])}, step_buckets=(2,))
+    planner = RandomPlanner(RandomConfig(block_size=16), pattern)
+    ctx = PlanContext(grid=(4, 16, 16), heads=2, step=2, layer=1, site="l1")
     plan = planner.plan(None, None, ctx, SiteState())
     assert plan.head_densities()[0].tolist() == pytest.approx([0.125, 0.5])
     assert torch.equal(plan.layout, planner.plan(None, None, ctx, SiteState()).layout)  # reproducible
-    other = planner.plan(None, None, PlanContext(grid=(4, 16, 16), heads=2, step=3, layer=1), SiteState())
-    assert other.head_densities()[0].tolist() == pytest.approx([0.2, 0.2], abs=0.01)  # no entry: `density`
+    other = planner.plan(None, None, PlanContext(grid=(4, 16, 16), heads=2, step=1, layer=1, site="l1"), SiteState())
+    assert other.head_densities()[0].tolist() == pytest.approx([0.2, 0.2], abs=0.01)  # before its buckets: `density`
     q, k, v = qkv(1, 1024)
     out = sparse_attention(q, k, v, method="random", grid=(4, 16, 16), density=0.25, block_size=64, min_seq_len=0,
                            backend="reference")

@@ -1,12 +1,14 @@
 """`oracle` and the exact block mass it ranks by, against brute force."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_dit import ConfigError, kernels
+from sparse_dit import ConfigError, PatternFile, kernels
 from sparse_dit.patterns import PlanContext, build_planner, resolve_config
 from sparse_dit.patterns.block_mass import block_mass, top_share
 from sparse_dit.patterns.oracle import select_by_mass, select_top_blocks
@@ -116,14 +118,22 @@ def test_text_rows_and_columns_are_kept(position):
     assert plan.layout.diagonal(dim1=-2, dim2=-1).all()
 
 
-def test_density_table_sets_the_count_per_head():
-    ctx = PlanContext(grid=(1, 16, 16), batch=1, heads=2, step=3, layer=1)
+def test_a_density_pattern_sets_the_count_per_head():
+    ctx = PlanContext(grid=(1, 16, 16), batch=1, heads=2, step=3, layer=1, site="t.l1")
     q, k = torch.randn(1, 256, 2, 8), torch.randn(1, 256, 2, 8)
-    config = resolve_config("oracle", block_size=16, density_table=((3, 1, (0.25, 0.5)),))
-    layout = build_planner(config).plan(q, k, ctx, SiteState()).layout
+    config = resolve_config("oracle", block_size=16)
+    pattern = PatternFile("oracle", tensors={"t.l1/density": torch.tensor([[float("nan")] * 2, [0.25, 0.5]])},
+                          step_buckets=(0, 3))
+    planner = build_planner(config, pattern)
+    layout = planner.plan(q, k, ctx, SiteState()).layout
     assert layout.sum(-1)[0, 0].eq(4).all() and layout.sum(-1)[0, 1].eq(8).all()
-    other = PlanContext(grid=(1, 16, 16), batch=1, heads=2, step=4, layer=1)  # not in the table: `density`
-    assert build_planner(config).plan(q, k, other, SiteState()).layout.sum(-1).eq(round(0.2 * 16)).all()
+    # Steps 0-2 have no entry (NaN) and another site none at all: there `density` holds.
+    for other in (dataclasses.replace(ctx, step=1), dataclasses.replace(ctx, site="t.l2")):
+        assert planner.plan(q, k, other, SiteState()).layout.sum(-1).eq(round(0.2 * 16)).all()
+    with pytest.raises(ConfigError, match="not both"):
+        build_planner(resolve_config("oracle", mass=0.9), pattern)
+    with pytest.raises(ConfigError, match="outside"):
+        build_planner(config, PatternFile("oracle", tensors={"s/density": torch.tensor([[1.5, 0.5]])}))
 
 
 def test_oracle_loses_less_than_random_on_concentrated_attention():
@@ -141,7 +151,7 @@ def test_oracle_loses_less_than_random_on_concentrated_attention():
 
 
 @pytest.mark.parametrize("options", [{"density": 0.0}, {"density": True}, {"mass": 1.5}, {"mass": "x"}, {"scale": -1.0},
-                                     {"mass": 0.9, "density_table": ((0, 0, (0.5,)),)}])
+                                     {"density_table": ((0, 0, (0.5,)),)}])
 def test_bad_options_raise(options):
     with pytest.raises(ConfigError):
         resolve_config("oracle", **options)

@@ -19,6 +19,7 @@ from .errors import (
 from .functional import sparse_attention
 from .patterns import DenseConfig, Planner, WindowConfig, list_methods, register_method, resolve_config
 from .pipelines.demo import load_demo_pipeline
+from .pattern_file import PatternFile
 from .plan import AttentionPlan, PlanContext
 from .state import SiteState
 from .plugin import (
@@ -26,6 +27,8 @@ from .plugin import (
     disable_sparse_attention,
     enable_sparse_attention,
     install_pipeline_methods,
+    model_signature,
+    sparse_attention_config,
     sparse_attention_stats,
 )
 
@@ -36,14 +39,15 @@ install_pipeline_methods()
 __all__ = [
     "AttentionPlan",
     "AttentionStats",
-    "PlanContext",
-    "Planner",
-    "SiteState",
-    "SparseAttention",
     "ConfigError",
     "DenseConfig",
     "DiffusersCompatibilityError",
+    "PatternFile",
+    "PlanContext",
+    "Planner",
     "ShapeError",
+    "SiteState",
+    "SparseAttention",
     "SparseAttentionConfig",
     "SparseDiTError",
     "UnknownMethodError",
@@ -53,8 +57,10 @@ __all__ = [
     "enable_sparse_attention",
     "list_methods",
     "load_demo_pipeline",
+    "model_signature",
     "register_method",
     "resolve_config",
     "sparse_attention",
+    "sparse_attention_config",
     "sparse_attention_stats",
 ]

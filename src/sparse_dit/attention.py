@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from . import kernels
 from .config import SparseAttentionConfig
 from .errors import ShapeError
-from .patterns import build_planner, resolve_config
+from .pattern_file import PatternFile
+from .patterns import build_planner, resolve
 from .plan import AttentionPlan, Branch, PlanContext, TextPosition
 from .state import PlanCache, SiteState, SiteStates, replan_due
 from .stats import AttentionStats
@@ -38,7 +39,9 @@ class SparseAttention:
     """One method with its policy, its planner, its per-site state, its plan cache and its stats.
 
     Args:
-        spec: a method name, a config object, or None for the default method (see `resolve_config`).
+        spec: a method name, a config object, a pattern file (a path or a `PatternFile`), or None for the
+            default method (see `sparse_dit.patterns.resolve`).
+        pattern: a pattern file for the method of a config object `spec`.
         **overrides: the method's options, e.g. `window=(3, 7, 7), block_size=64`.
 
     Per-site state (`SiteState`, one per (site, CFG branch)) lasts until `reset()`: the hooks call it at the
@@ -51,9 +54,11 @@ class SparseAttention:
         ...     out = attn(q, k, v, grid=(8, 16, 16), layer=0, step=step, num_steps=num_steps)
     """
 
-    def __init__(self, spec: str | SparseAttentionConfig | os.PathLike | None = None, **overrides: Any) -> None:
-        self.config = resolve_config(spec, **overrides)
-        self.planner = build_planner(self.config)
+    def __init__(self, spec: str | SparseAttentionConfig | PatternFile | os.PathLike | None = None, *,
+                 pattern: PatternFile | None = None, **overrides: Any) -> None:
+        self.config, found = resolve(spec, **overrides)
+        self.pattern = pattern if pattern is not None else found
+        self.planner = build_planner(self.config, self.pattern)
         self.states = SiteStates()
         self.plans = PlanCache()
         self.stats = AttentionStats()
@@ -130,7 +135,7 @@ class SparseAttention:
             plan = self.plan(q, k, ctx)
             out = kernels.run(q, k, v, plan, backend=self.config.backend, scale=scale, attn_mask=attn_mask)
             heads, sparse = plan.mean_head_densities(ctx.heads), True
-        self.stats.record(ctx.step, ctx.layer, heads, sparse, self._now(q.device) - start, ctx.grid, ctx.text_len)
+        self.stats.record(ctx.step, ctx.layer, heads, sparse, self._now(q.device) - start, ctx.grid, ctx.text_len, ctx.site)
         return out
 
     def __call__(

@@ -18,6 +18,7 @@ class LayerStepStats:
         seconds: wall time spent inside attention (on CUDA only meaningful with the runtime's
             `synchronize` on).
         grid: last (F, H, W) token grid seen; text_len: last number of text tokens seen.
+        site: the call site (unique across a pipeline's transformers; None for anonymous functional calls).
     """
 
     calls: int = 0
@@ -27,6 +28,7 @@ class LayerStepStats:
     head_density_sum: list[float] = field(default_factory=list)
     grid: tuple[int, int, int] | None = None
     text_len: int = 0
+    site: str | None = None
 
     @property
     def density(self) -> float:
@@ -50,7 +52,7 @@ class AttentionStats:
 
     def record(
         self, step: int | None, layer: int, head_densities: list[float], sparse: bool, seconds: float,
-        grid: tuple[int, int, int], text_len: int,
+        grid: tuple[int, int, int], text_len: int, site: str | None = None,
     ) -> None:
         """Add one call, given the computed fraction of each head (averaged over the batch)."""
         entry = self.entries.setdefault((step, layer), LayerStepStats())
@@ -62,7 +64,7 @@ class AttentionStats:
         entry.seconds += seconds
         entry.sparse_calls += int(sparse)
         entry.density_sum += density
-        entry.grid, entry.text_len = grid, text_len
+        entry.grid, entry.text_len, entry.site = grid, text_len, site
 
     def clear(self) -> None:
         """Forget every call."""

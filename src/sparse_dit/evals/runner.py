@@ -2,7 +2,7 @@
 
 Dense is the baseline: the original attention, timed through the same hooks (every step kept dense) so
 attention time is measured the same way for every method. Every sparse method is paired, at its measured
-density per (step, layer, head), with two yardsticks: `random` blocks, the control it must beat, and `oracle`,
+density per (step, site, head), with two yardsticks: `random` blocks, the control it must beat, and `oracle`,
 the blocks of highest exact attention mass, the best a mass-based selector can reach. Finished items are
 skipped when the command is run again on the same output folder.
 """
@@ -21,8 +21,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..pattern_file import PatternFile
 from ..patterns import resolve_config
-from ..plugin import AttentionStats, disable_sparse_attention, enable_sparse_attention, sparse_attention_stats
+from ..plugin import (
+    AttentionStats,
+    disable_sparse_attention,
+    enable_sparse_attention,
+    sparse_attention_config,
+    sparse_attention_stats,
+)
 from ..plugin.api import runtime_of
 from . import metrics
 from .video import side_by_side, write_video
@@ -30,10 +37,9 @@ from .video import side_by_side, write_video
 DEFAULT_PROMPTS = ("a red circle moving left", "a green square moving up", "a blue triangle moving right")
 BASELINE = "dense"
 CONTROLS = ("random", "oracle")  # the yardsticks every method is paired with, by default
-# What a control takes from the method it is paired with: its measured densities, and its policy, so that both
-# run under the same policy.
+# What a control takes from the method it is paired with, beside its measured densities (a pattern file): its
+# policy, so that both run under the same policy.
 PAIRED_POLICY = ("block_size", "dense_steps", "dense_layers", "min_seq_len")
-PAIRED_OPTIONS = ("density_table", *PAIRED_POLICY)
 
 
 @dataclass
@@ -49,6 +55,31 @@ class EvalSettings:
     reps: int = 1
     warmup: int = 1
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+
+
+def density_pattern(control: str, table: list, options: dict[str, Any]) -> PatternFile:
+    """A pattern file for `control` that holds a method's measured densities.
+
+    Args:
+        table: [[step, site, [density of head 0, head 1, ...]], ...], as an evaluation record keeps it.
+        options: the control's config options.
+    Returns:
+        One "{site}/density" tensor (steps, H) per site, one step bucket per measured step, NaN where a site did
+        not run at a step (Wan 2.2's experts take turns).
+    """
+    steps = sorted({int(s) for s, _, _ in table})
+    rows = {site: {} for _, site, _ in table}
+    for step, site, heads in table:
+        rows[site][int(step)] = heads
+    tensors = {}
+    for site, by_step in rows.items():
+        heads = len(next(iter(by_step.values())))
+        tensor = torch.full((len(steps), heads), float("nan"))
+        for i, step in enumerate(steps):
+            if step in by_step:
+                tensor[i] = torch.tensor(by_step[step], dtype=torch.float32)
+        tensors[f"{site}/density"] = tensor
+    return PatternFile(method=control, options=options, tensors=tensors, step_buckets=tuple(steps) or (0,))
 
 
 def _frames(output: Any) -> torch.Tensor:
@@ -117,16 +148,17 @@ class Evaluation:
             attention.append(sparse_attention_stats(self.pipe).seconds)
         return video, statistics.median(times), sparse_attention_stats(self.pipe), statistics.median(attention)
 
-    def _run(self, name: str, config, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
-        enable_sparse_attention(self.pipe, config)
+    def _run(self, name: str, spec, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
+        enable_sparse_attention(self.pipe, spec)
         try:
+            config = sparse_attention_config(self.pipe)
             video, total_s, stats, attention_s = self._timed(name, prompt, seed)
         finally:
             disable_sparse_attention(self.pipe)
         steps = sorted({s for s, _ in stats.entries if s is not None})
         layers = sorted({l for _, l in stats.entries})
         density_map = [[stats.entries[(s, l)].density if (s, l) in stats.entries else None for l in layers] for s in steps]
-        table = [[s, l, e.head_densities] for (s, l), e in stats.entries.items() if s is not None]
+        table = [[s, e.site, e.head_densities] for (s, _), e in stats.entries.items() if s is not None and e.site is not None]
         record = {
             "density": stats.density(sparse_only=True) if stats.density(sparse_only=True) is not None else 1.0,
             "density_all_steps": stats.density(),
@@ -136,6 +168,7 @@ class Evaluation:
             "total_s": total_s,
             "density_map": density_map,
             "density_table": table,
+            "config": config.to_dict(),
         }
         return video, record
 
@@ -149,20 +182,22 @@ class Evaluation:
         # Every step dense: the model's own attention, timed by the same hooks as the sparse runs.
         video, record = self._run(BASELINE, resolve_config("dense", dense_steps=1.0), prompt, seed)
         record.pop("density_table")
+        record.pop("config")
         record.update(method=BASELINE, paired_with=None, prompt=prompt, seed=seed, speedup=1.0, attention_speedup=1.0,
                       **metrics.reference_scores(video, video), **metrics.vbench_scores(video))
         save_file({"video": video.contiguous()}, path)
         return video, self._add(record)
 
-    def method(self, name: str, config, prompt_idx: int, prompt: str, seed: int, dense_video: torch.Tensor,
+    def method(self, name: str, spec, prompt_idx: int, prompt: str, seed: int, dense_video: torch.Tensor,
                dense_record: dict, paired_with: str | None = None) -> tuple[torch.Tensor, dict]:
-        """Generate with `config`, score it against the dense video and write the side-by-side gif."""
-        video, record = self._run(name if paired_with is None else f"{name}~{paired_with}", config, prompt, seed)
+        """Generate with `spec` (a config or a pattern file), score it against the dense video and write the
+        side-by-side gif."""
+        video, record = self._run(name if paired_with is None else f"{name}~{paired_with}", spec, prompt, seed)
         tag = name if paired_with is None else f"{name}-{paired_with}"
         base = self._video_path(tag, prompt_idx, seed)
         write_video(side_by_side(dense_video, video), base.with_suffix(".gif"))
         record.update(
-            method=name, paired_with=paired_with, prompt=prompt, seed=seed, config=config.to_dict(),
+            method=name, paired_with=paired_with, prompt=prompt, seed=seed,
             speedup=dense_record["total_s"] / record["total_s"],
             attention_speedup=dense_record["attention_s"] / max(record["attention_s"], 1e-12),
             video=str(base.with_suffix(".gif").relative_to(self.out)),
@@ -172,14 +207,12 @@ class Evaluation:
 
     def _control(self, control: str, name: str, config, record: dict, prompt_idx: int, prompt: str, seed: int,
                  dense_video: torch.Tensor, dense_record: dict) -> dict:
-        """`control` at the density `name` measured per (step, layer, head), under the same policy."""
-        table = tuple((s, l, tuple(d)) for s, l, d in record["density_table"])
-        options = {"density_table": table, **{key: getattr(config, key) for key in PAIRED_POLICY},
+        """`control` at the density `name` measured per (step, site, head), under the same policy."""
+        options = {**{key: getattr(config, key) for key in PAIRED_POLICY},
                    **({"seed": seed} if control == "random" else {}), **self.settings.configs.get(control, {})}
-        _, paired = self.method(control, resolve_config(control, **options), prompt_idx, prompt, seed, dense_video,
-                                dense_record, paired_with=name)
+        pattern = density_pattern(control, record["density_table"], options)
+        _, paired = self.method(control, pattern, prompt_idx, prompt, seed, dense_video, dense_record, paired_with=name)
         paired.pop("density_table")
-        paired["config"].pop("density_table")
         return paired
 
     def validate(self) -> tuple[dict[str, Any], list[str]]:
@@ -206,10 +239,11 @@ class Evaluation:
                               f"it runs {', '.join([*methods, *controls]) or 'no method'}")
         for control in controls:
             resolve_config(control, **settings.configs.get(control, {}))
-            clash = sorted(set(settings.configs.get(control, {})) & set(PAIRED_OPTIONS))
+            clash = sorted(set(settings.configs.get(control, {})) & set(PAIRED_POLICY))
             if clash:
                 raise ConfigError(f"--config {control}.{clash[0]} clashes with the control's pairing: {control} takes "
-                                  f"{', '.join(PAIRED_OPTIONS)} from the method it is paired with; set them on that method")
+                                  f"its densities and {', '.join(PAIRED_POLICY)} from the method it is paired with; set "
+                                  "them on that method")
         return configs, controls
 
     def run(self) -> list[dict]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError, UnknownMethodError
+from ..pattern_file import PatternFile, is_pattern_path
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method, registered_methods
 from .dense import DenseConfig, DensePlanner
 from .oracle import OracleConfig, OraclePlanner
@@ -31,6 +32,7 @@ __all__ = [
     "keep_text_and_diagonal",
     "list_methods",
     "register_method",
+    "resolve",
     "resolve_config",
 ]
 
@@ -59,13 +61,18 @@ def resolve_config(spec: str | SparseAttentionConfig | os.PathLike | None = None
     if isinstance(spec, SparseAttentionConfig):
         _planner_class(spec.method)
         return spec.replace(**overrides) if overrides else spec
-    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith((".json", ".safetensors"))):
+    if isinstance(spec, PatternFile) or is_pattern_path(spec):
         raise ConfigError(
-            f"{os.fspath(spec)!r} looks like a pattern file; pattern files come with `sparse-dit search` and are "
-            f"not supported yet. Pass a method name instead: {', '.join(list_methods())}"
+            f"{spec!r} is a pattern file, which carries tensors a config cannot hold: pass it to "
+            "enable_sparse_attention or SparseAttention, or use sparse_dit.patterns.resolve"
         )
     if not isinstance(spec, str):
         raise ConfigError(f"spec must be a method name, a config object or None, got {type(spec).__name__}")
+    if spec not in registered_methods() and ("/" in spec or os.sep in spec or spec.endswith(".json")):
+        raise ConfigError(
+            f"{spec!r} looks like a file, not a method name; pattern files are .safetensors files written by "
+            f"PatternFile.save. Valid methods: {', '.join(list_methods())}"
+        )
     config_cls = _planner_class(spec).config_cls
     unknown = sorted(set(overrides) - set(config_cls.option_names()))
     if unknown:
@@ -76,6 +83,19 @@ def resolve_config(spec: str | SparseAttentionConfig | os.PathLike | None = None
         raise ConfigError(f"invalid options for method {spec!r}: {exc}") from exc
 
 
-def build_planner(config: SparseAttentionConfig) -> Planner:
-    """A fresh planner for `config`."""
-    return _planner_class(config.method)(config)
+def resolve(spec: str | SparseAttentionConfig | PatternFile | os.PathLike | None = None,
+            **overrides: Any) -> tuple[SparseAttentionConfig, PatternFile | None]:
+    """Like `resolve_config`, and also accepts a pattern file (a path or a loaded `PatternFile`): its method
+    and options give the config (`overrides` on top), and the file is returned for the planner."""
+    if is_pattern_path(spec):
+        spec = PatternFile.load(spec)
+    if isinstance(spec, PatternFile):
+        config = resolve_config(spec.method, **{**spec.options, **overrides})
+        _planner_class(spec.method).check_pattern(spec)
+        return config, spec
+    return resolve_config(spec, **overrides), None
+
+
+def build_planner(config: SparseAttentionConfig, pattern: PatternFile | None = None) -> Planner:
+    """A fresh planner for `config`, reading `pattern` if given."""
+    return _planner_class(config.method)(config, pattern)

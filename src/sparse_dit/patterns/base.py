@@ -22,6 +22,7 @@ import torch
 
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
+from ..pattern_file import PatternFile
 from ..plan import AttentionPlan, PlanContext, TextPosition  # noqa: F401  (re-exported for methods)
 from ..state import SiteState
 
@@ -37,9 +38,30 @@ class Planner:
     name: ClassVar[str]
     config_cls: ClassVar[type[SparseAttentionConfig]]
     description: ClassVar[str] = ""
+    # Per-site tensors this method reads from a pattern file ("{site}/{name}"); empty: it reads no files.
+    pattern_tensors: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: SparseAttentionConfig) -> None:
+    def __init__(self, config: SparseAttentionConfig, pattern: PatternFile | None = None) -> None:
         self.config = config
+        if pattern is not None:
+            self.check_pattern(pattern)
+        self.pattern = pattern
+
+    @classmethod
+    def check_pattern(cls, pattern: PatternFile) -> None:
+        """Raise `ConfigError` if `pattern` is not a file this method reads (methods add value checks)."""
+        if pattern.method != cls.name:
+            raise ConfigError(f"the pattern file is for method {pattern.method!r}, not {cls.name!r}")
+        if not cls.pattern_tensors:
+            raise ConfigError(f"method {cls.name!r} reads no pattern file; pass its name and options instead")
+        unknown = sorted({name.rsplit("/", 1)[-1] for name in pattern.tensors} - set(cls.pattern_tensors))
+        if unknown:
+            raise ConfigError(f"the pattern file holds tensors {unknown} that {cls.name!r} does not read; it reads "
+                              f"{', '.join(cls.pattern_tensors)} per site")
+
+    def pattern_values(self, ctx: PlanContext, name: str) -> list[float] | None:
+        """Per-head values of the pattern tensor `name` at this call's site and step, or None."""
+        return None if self.pattern is None else self.pattern.head_values(ctx, name)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         """Plan one call.

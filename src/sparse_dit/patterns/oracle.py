@@ -1,7 +1,7 @@
 """`oracle`: the key blocks of highest exact attention mass, the best any mass-based selector can pick.
 
 A yardstick for evaluation, never a fast path: it computes full attention's probabilities (O(S^2)) to plan.
-Paired with a method in evaluation at that method's measured density per (step, layer, head), beside
+Paired with a method in evaluation at that method's measured density per (step, site, head), beside
 `random`, it shows where the method sits between random blocks and the ideal choice of the same number.
 """
 
@@ -19,7 +19,7 @@ from ..plan import AttentionPlan
 from ..state import SiteState
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 from .block_mass import block_mass
-from .random import DensityTable, check_density_table, head_densities
+from .random import check_density_pattern
 
 
 @dataclass(frozen=True)
@@ -28,18 +28,15 @@ class OracleConfig(SparseAttentionConfig):
 
     Attributes:
         density: share of the key blocks each query block keeps (max(1, round(density * n)) blocks, its
-            diagonal block among them), used where `density_table` has no entry.
+            diagonal block among them), used where the pattern file (if any) has no per-head density.
         mass: if set, each query block instead keeps the fewest key blocks whose exact mass reaches this
             cumulative share (the diagonal block is added if it is not among them); `density` is then unused.
-        density_table: ((step, layer, (density of head 0, head 1, ...)), ...), usually the measured densities
-            of the method this yardstick is paired with.
         scale: the softmax scale of the model's attention, default D ** -0.5 (every supported model's).
     """
 
     method: ClassVar[str] = "oracle"
     density: float = 0.2
     mass: float | None = None
-    density_table: DensityTable = ()
     scale: float | None = None
 
     def __post_init__(self) -> None:
@@ -49,11 +46,8 @@ class OracleConfig(SparseAttentionConfig):
         if self.mass is not None and (isinstance(self.mass, bool) or not isinstance(self.mass, (int, float))
                                       or not 0.0 < self.mass <= 1.0):
             raise ConfigError(f"mass={self.mass!r} is out of range: expected None or a cumulative share in (0, 1]")
-        if self.mass is not None and self.density_table:
-            raise ConfigError("pass either mass (a cumulative threshold) or density_table (block counts), not both")
         if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale <= 0):
             raise ConfigError(f"scale={self.scale!r} must be None or a positive number")
-        object.__setattr__(self, "density_table", check_density_table(self.density_table))
 
 
 def select_top_blocks(mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -91,9 +85,17 @@ class OraclePlanner(Planner):
     config_cls = OracleConfig
     description = "key blocks of highest exact attention mass (a yardstick for evaluation, slower than dense)"
 
-    def __init__(self, config: OracleConfig) -> None:
-        super().__init__(config)
-        self._table = {(s, l): ds for s, l, ds in config.density_table}
+    pattern_tensors = ("density",)  # per site, (step buckets, H): the densities of the method it is paired with
+
+    def __init__(self, config: OracleConfig, pattern=None) -> None:
+        super().__init__(config, pattern)
+        if config.mass is not None and pattern is not None:
+            raise ConfigError("pass either mass (a cumulative threshold) or a density pattern (block counts), not both")
+
+    @classmethod
+    def check_pattern(cls, pattern) -> None:
+        super().check_pattern(pattern)
+        check_density_pattern(pattern)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         bs = self.config.block_size
@@ -102,7 +104,7 @@ class OraclePlanner(Planner):
             layout = select_by_mass(mass, self.config.mass)
         else:
             n = mass.shape[-1]
-            counts = torch.tensor([max(1, min(n, round(d * n))) for d in head_densities(self._table, ctx, self.config.density)])
+            counts = torch.tensor([max(1, min(n, round(d * n))) for d in self.pattern_values(ctx, "density") or [self.config.density] * ctx.heads])
             layout = select_top_blocks(mass, counts)
         layout = keep_text_and_diagonal(layout, ctx, bs)
         return AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)

@@ -1,7 +1,8 @@
 """`random`: the control every method must beat. Key blocks picked at random at a given density per head.
 
-Paired with a method in evaluation: its `density_table` holds that method's measured density per
-(step, layer, head), so the comparison isolates *which* blocks a method picks from *how many*.
+Paired with a method in evaluation: a density pattern (`PatternFile` with a "{site}/density" tensor of
+(step buckets, H)) holds that method's measured density per (step, site, head), so the comparison isolates
+*which* blocks a method picks from *how many*.
 """
 
 from __future__ import annotations
@@ -13,50 +14,42 @@ import torch
 
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
+from ..pattern_file import PatternFile
 from ..plan import AttentionPlan
 from ..state import SiteState
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
-
-DensityTable = tuple[tuple[int, int, tuple[float, ...]], ...]
-
 
 @dataclass(frozen=True)
 class RandomConfig(SparseAttentionConfig):
     """Config of the `random` method.
 
     Attributes:
-        density: target fraction of key blocks per query row, used where `density_table` has no entry.
-        density_table: ((step, layer, (density of head 0, head 1, ...)), ...), usually the measured densities
-            of the method this control is paired with.
+        density: target fraction of the attention map per head, used where the pattern file (if any) has no
+            per-head density for the call.
         seed: seeds the choice together with step and layer, so a run is reproducible.
     """
 
     method: ClassVar[str] = "random"
     density: float = 0.2
-    density_table: DensityTable = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.density <= 1.0:
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
             raise ConfigError(f"density={self.density!r} is out of range: expected a fraction in (0, 1]")
-        object.__setattr__(self, "density_table", check_density_table(self.density_table))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r} must be an int")
 
 
-def check_density_table(table) -> DensityTable:
-    """Normalise ((step, layer, per-head densities), ...) to ints and floats; raise on a density outside [0, 1]."""
-    table = tuple((int(s), int(l), tuple(float(d) for d in ds)) for s, l, ds in table)
-    if any(not 0.0 <= d <= 1.0 for _, _, ds in table for d in ds):
-        raise ConfigError("density_table densities must be fractions in [0, 1]")
-    return table
-
-
-def head_densities(table: dict[tuple[int, int], tuple[float, ...]], ctx: PlanContext, default: float) -> list[float]:
-    """The densities `table` ({(step, layer): per-head densities}) gives this call, else `default` for every head."""
-    per_head = table.get((ctx.step, ctx.layer))
-    if per_head is None or len(per_head) != ctx.heads:
-        return [default] * ctx.heads
-    return list(per_head)
+def check_density_pattern(pattern: PatternFile) -> None:
+    """Raise unless every "{site}/density" tensor is (step buckets, H) of fractions in [0, 1] (NaN: no entry)."""
+    for name, tensor in pattern.tensors.items():
+        if tensor.dim() != 2 or tensor.shape[0] > len(pattern.step_buckets):
+            raise ConfigError(f"pattern tensor {name!r} must be (step buckets <= {len(pattern.step_buckets)}, heads), "
+                              f"got {tuple(tensor.shape)}")
+        values = tensor[~tensor.isnan()]
+        if bool(((values < 0) | (values > 1)).any()):
+            raise ConfigError(f"pattern tensor {name!r} holds densities outside [0, 1]")
 
 
 @register_method
@@ -67,9 +60,12 @@ class RandomPlanner(Planner):
     config_cls = RandomConfig
     description = "random key blocks at a given density per head: the control every method must beat"
 
-    def __init__(self, config: RandomConfig) -> None:
-        super().__init__(config)
-        self._table = {(s, l): ds for s, l, ds in config.density_table}
+    pattern_tensors = ("density",)  # per site, (step buckets, H): the densities of the method it is paired with
+
+    @classmethod
+    def check_pattern(cls, pattern: PatternFile) -> None:
+        super().check_pattern(pattern)
+        check_density_pattern(pattern)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         bs = self.config.block_size
@@ -80,11 +76,11 @@ class RandomPlanner(Planner):
         scores = torch.rand(ctx.heads, n * n, generator=gen)
         scores[:, torch.arange(n) * (n + 1)] = 2.0  # the diagonal is always among the kept blocks
         # A count per head over the whole map, not per row: matches the paired density even when n is small.
-        keep = torch.tensor([max(n, min(n * n, round(d * n * n))) for d in head_densities(self._table, ctx, self.config.density)])
+        keep = torch.tensor([max(n, min(n * n, round(d * n * n))) for d in self.pattern_values(ctx, "density") or [self.config.density] * ctx.heads])
         ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
         layout = (ranks < keep.view(-1, 1)).view(1, ctx.heads, n, n).to(ctx.device)
         layout = keep_text_and_diagonal(layout, ctx, bs)
         return AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
 
     def cache_key(self, ctx: PlanContext) -> Hashable:
-        return (ctx.step, ctx.layer, ctx.heads, ctx.grid, ctx.text_len, ctx.text_position, ctx.device)
+        return (ctx.step, ctx.layer, ctx.site, ctx.heads, ctx.grid, ctx.text_len, ctx.text_position, ctx.device)

@@ -9,12 +9,13 @@ import torch
 
 from ..config import SparseAttentionConfig
 from ..errors import SparseDiTError, UnsupportedModelError
-from ..patterns import resolve_config
+from ..pattern_file import ModelSignature, PatternFile, config_hash
+from ..patterns import resolve
 from ..pipelines.adapters import get_adapter, supported_models
+from ..stats import AttentionStats
 from . import compat
 from .hooks import ATTENTION_HOOK, ROOT_HOOK, SparseAttentionHook, SparseRootHook
 from .runtime import AttentionSite, SparseAttentionRuntime
-from ..stats import AttentionStats
 
 _RUNTIME_ATTR = "_sparse_dit_runtime"
 _CREATED_ATTR = "_sparse_dit_created"  # registries and forwards this package added, to remove on disable
@@ -49,6 +50,29 @@ def named_transformers(target: Any) -> dict[str, torch.nn.Module]:
     return found
 
 
+def attention_sites(target: Any) -> list[tuple[AttentionSite, torch.nn.Module]]:
+    """Every video self-attention module `enable_sparse_attention` hooks in `target`, with its site."""
+    api = compat.load()
+    found = []
+    for component, model in named_transformers(target).items():
+        adapter = get_adapter(model)
+        layer = 0
+        for name, module in model.named_modules():
+            if isinstance(module, api.attention_classes) and adapter.is_self_attention(name):
+                found.append((AttentionSite(f"{component}.{name}", name, layer, adapter.text_position), module))
+                layer += 1
+        if layer == 0:
+            raise UnsupportedModelError(f"{type(model).__name__} has no self-attention module matching {adapter.self_attention!r}")
+    return found
+
+
+def model_signature(target: Any) -> ModelSignature:
+    """What a pattern file made for `target` records of it: its transformers' classes and config hashes, and
+    every self-attention site with its head count."""
+    components = {name: (type(m).__name__, config_hash(getattr(m, "config", {}))) for name, m in named_transformers(target).items()}
+    return ModelSignature(components, {site.id: int(getattr(module, "heads", 0)) for site, module in attention_sites(target)})
+
+
 def _register(module: torch.nn.Module, hook: Any, name: str) -> None:
     api = compat.load()
     created = []
@@ -75,7 +99,7 @@ def _unregister(module: torch.nn.Module, name: str) -> None:
 
 
 def enable_sparse_attention(
-    target: Any, spec: str | SparseAttentionConfig | os.PathLike | None = None, **overrides: Any
+    target: Any, spec: str | SparseAttentionConfig | PatternFile | os.PathLike | None = None, **overrides: Any
 ) -> SparseAttentionConfig:
     """Replace the video self-attention of a diffusers pipeline or transformer with sparse attention.
 
@@ -84,7 +108,9 @@ def enable_sparse_attention(
 
     Args:
         target: a `DiffusionPipeline` or one of the supported transformer models.
-        spec: a method name (`sparse_dit.list_methods()`), a config object, or None for the default method.
+        spec: a method name (`sparse_dit.list_methods()`), a config object, a pattern file (a ".safetensors"
+            path or a loaded `PatternFile`: its method and options, checked against this model), or None for the
+            default method.
         **overrides: config options, e.g. `dense_steps=0.3, block_size=128, window=(3, 7, 7)`.
     Returns:
         The config in effect.
@@ -92,25 +118,19 @@ def enable_sparse_attention(
     Example:
         >>> pipe.enable_sparse_attention("window", window=(3, 9, 9))
     """
-    config = resolve_config(spec, **overrides)
-    named = named_transformers(target)
-    models = list(named.values())
+    config, pattern = resolve(spec, **overrides)
+    models = transformers_of(target)
+    sites = attention_sites(target)
+    if pattern is not None:
+        pattern.check_model(model_signature(target))
     disable_sparse_attention(target)
-    api = compat.load()
-    runtime = SparseAttentionRuntime(config, pipeline=target if _is_pipeline(target) else None)
-    for component, model in named.items():
-        adapter = get_adapter(model)
-        _register(model, SparseRootHook(runtime, adapter), ROOT_HOOK)
-        layer = 0
-        for name, module in model.named_modules():
-            if isinstance(module, api.attention_classes) and adapter.is_self_attention(name):
-                site = AttentionSite(f"{component}.{name}", name, layer, adapter.text_position)
-                _register(module, SparseAttentionHook(runtime, site), ATTENTION_HOOK)
-                layer += 1
+    runtime = SparseAttentionRuntime(config, pipeline=target if _is_pipeline(target) else None, pattern=pattern)
+    for model in models:
+        _register(model, SparseRootHook(runtime, get_adapter(model)), ROOT_HOOK)
+    for site, module in sites:
+        _register(module, SparseAttentionHook(runtime, site), ATTENTION_HOOK)
+    for model in models:
         model._diffusers_hook.invalidate_child_registries_cache()
-        if layer == 0:
-            disable_sparse_attention(target)
-            raise UnsupportedModelError(f"{type(model).__name__} has no self-attention module matching {adapter.self_attention!r}")
     for obj in {id(target): target, **{id(m): m for m in models}}.values():
         setattr(obj, _RUNTIME_ATTR, runtime)
     return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from types import SimpleNamespace
 from typing import Callable
@@ -21,8 +22,11 @@ def _fail(what: str, exc: Exception | None = None) -> DiffusersCompatibilityErro
     )
 
 
+@functools.cache
 def load() -> SimpleNamespace:
-    """The diffusers internals used by the plugin, or a `DiffusersCompatibilityError` naming what moved."""
+    """The diffusers internals used by the plugin, or a `DiffusersCompatibilityError` naming what moved.
+
+    Cached: the dispatcher backend asks for it on every attention call."""
     try:
         from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
         from diffusers.models import attention_dispatch

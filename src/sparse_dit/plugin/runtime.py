@@ -11,6 +11,7 @@ import torch
 from ..attention import SparseAttention
 from ..config import SparseAttentionConfig
 from ..errors import ShapeError, SparseDiTError
+from ..pattern_file import PatternFile
 from ..plan import PlanContext, TextPosition
 from ..stats import AttentionStats
 
@@ -108,11 +109,12 @@ class SparseAttentionRuntime:
     Args:
         config: the method and policy.
         pipeline: the pipeline whose scheduler tells the step index, if a pipeline was hooked.
+        pattern: the pattern file the method reads, if one was enabled.
     """
 
-    def __init__(self, config: SparseAttentionConfig, pipeline: Any = None) -> None:
+    def __init__(self, config: SparseAttentionConfig, pipeline: Any = None, pattern: PatternFile | None = None) -> None:
         self.config = config
-        self.engine = SparseAttention(config)
+        self.engine = SparseAttention(config, pattern=pattern)
         self.steps = StepTracker(pipeline)
         self.current: ForwardState | None = None
         # Called as observer(site, ctx, q, k, scale) before every self-attention call: how offline tools
