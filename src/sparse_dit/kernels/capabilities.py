@@ -248,7 +248,7 @@ def choose_backend(call: Call, requested: str = "auto") -> str:
     if missing:
         able = [b for b in TABLE if b != requested and honours(b, call)]
         alternatives = f"backends that can: {', '.join(able)}, or 'auto'" if able else "no backend can"
-        raise ConfigError(f"backend {requested!r} cannot honour {'; '.join(missing)}; {alternatives}")
+        raise ConfigError(f"backend {requested!r} cannot honour {' and '.join(missing)}; {alternatives}")
     return requested
 
 
