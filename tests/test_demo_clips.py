@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sparse_dit import ConfigError
-from sparse_dit.pipelines.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec, is_held_out, parse_caption, render, render_with_coverage, sample_spec
-from sparse_dit.pipelines.demo.score import clip_passes
+from sparse_dit.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec, is_held_out, parse_caption, render, render_with_coverage, sample_spec
+from sparse_dit.demo.score import clip_passes
 
 
 def test_rendering_is_deterministic_and_in_range():
@@ -62,7 +62,7 @@ def test_captions_round_trip_and_bad_words_list_the_vocabulary():
 
 
 def test_evaluation_caption_sets_respect_the_hold_out():
-    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS
+    from sparse_dit.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS
 
     assert not any(is_held_out(o) for c in CAPTIONS for o in parse_caption(c).objects)
     assert all(is_held_out(o) for c in HELD_OUT_CAPTIONS for o in parse_caption(c).objects)

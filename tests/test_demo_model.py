@@ -8,12 +8,12 @@ from diffusers import WanTransformer3DModel
 
 import sparse_dit
 from sparse_dit.cli import main
-from sparse_dit.pipelines.demo import WEIGHTS, load_demo_pipeline
+from sparse_dit.demo import WEIGHTS, load_demo_pipeline
 from sparse_dit.evals.locality_report import untrained_copy
-from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render_with_coverage
-from sparse_dit.pipelines.demo.evaluate import CAPTIONS, clean_clip, motion_from_noise, predictions_by_noise, sample_sheet
-from sparse_dit.pipelines.demo.score import clip_passes
-from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
+from sparse_dit.demo.clips import as_latents, parse_caption, render_with_coverage
+from sparse_dit.demo.evaluate import CAPTIONS, clean_clip, motion_from_noise, predictions_by_noise, sample_sheet
+from sparse_dit.demo.score import clip_passes
+from sparse_dit.demo.pipeline import ShapesVideoPipeline
 
 MAX_BYTES = 25 * 2**20
 

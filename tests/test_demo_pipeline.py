@@ -5,7 +5,7 @@ import torch
 
 from sparse_dit import ConfigError, SparseDiTError
 from sparse_dit.cli import main
-from sparse_dit.pipelines.demo import load_demo_pipeline
+from sparse_dit.demo import load_demo_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_bad_input(trained, tmp_path):
 
 
 def test_coordinate_planes_with_fourier_features():
-    from sparse_dit.pipelines.demo.pipeline import coordinate_planes
+    from sparse_dit.demo.pipeline import coordinate_planes
 
     times = torch.linspace(-1, 1, 3)
     planes = coordinate_planes(times, 4, 8, frequencies=2)
@@ -68,8 +68,8 @@ def test_coordinate_planes_with_fourier_features():
 
 
 def test_training_takes_a_spec_drawer_and_model_arguments(tmp_path):
-    from sparse_dit.pipelines.demo.clips import ClipSpec, ShapeSpec
-    from sparse_dit.pipelines.demo.train import Stage, _batch, train_demo
+    from sparse_dit.demo.clips import ClipSpec, ShapeSpec
+    from sparse_dit.demo.train import Stage, _batch, train_demo
 
     spec = ClipSpec((ShapeSpec("red", "circle", "left"),))
     _, _, captions = _batch(Stage(4, 16, 8, 1), torch.Generator().manual_seed(0), lambda gen: spec)
@@ -79,8 +79,8 @@ def test_training_takes_a_spec_drawer_and_model_arguments(tmp_path):
 
 
 def test_coverage_channel_is_trained_on_and_dropped_from_the_frames(tmp_path):
-    from sparse_dit.pipelines.demo.clips import ClipSpec, ShapeSpec, render_with_coverage
-    from sparse_dit.pipelines.demo.train import Stage, _batch
+    from sparse_dit.demo.clips import ClipSpec, ShapeSpec, render_with_coverage
+    from sparse_dit.demo.train import Stage, _batch
 
     spec = ClipSpec((ShapeSpec("red", "circle", "left"),))
     stage = Stage(4, 16, 1, 1)
@@ -104,8 +104,8 @@ def test_coverage_channel_is_trained_on_and_dropped_from_the_frames(tmp_path):
 
 
 def test_qk_gain_ramp_scales_only_the_self_attention_gains(tmp_path):
-    from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
-    from sparse_dit.pipelines.demo.train import Stage, gain_at, qk_gain_parameters, train_demo
+    from sparse_dit.demo.pipeline import ShapesVideoPipeline
+    from sparse_dit.demo.train import Stage, gain_at, qk_gain_parameters, train_demo
 
     assert [gain_at(s, 3.0, (2, 6)) for s in (0, 2, 4, 6, 9)] == [1.0, 1.0, 2.0, 3.0, 3.0]
     assert gain_at(0, 2.0, (0, 0)) == 2.0  # an empty ramp: the gain from the start

@@ -8,7 +8,8 @@ from sparse_dit.evals.locality_report import locality, most_local_heads, untrain
 from sparse_dit.errors import SparseDiTError
 from sparse_dit.patterns import PlanContext
 from sparse_dit.plugin.api import runtime_of
-from sparse_dit.search import AttentionSample, capture_attention, window_mass
+from sparse_dit.evals.locality import window_mass
+from sparse_dit.search import AttentionSample, capture_attention
 
 from tiny_models import make_pipeline
 

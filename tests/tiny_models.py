@@ -59,7 +59,7 @@ from diffusers import (
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-from sparse_dit.pipelines.text import tiny_t5_config, word_tokenizer
+from sparse_dit.demo.text import tiny_t5_config, word_tokenizer
 
 __all__ = [
     "TinyTransformerCase",

@@ -18,7 +18,7 @@ from .errors import (
 )
 from .functional import sparse_attention
 from .patterns import DenseConfig, Planner, WindowConfig, list_methods, register_method, resolve_config
-from .pipelines.demo import load_demo_pipeline
+from .demo import load_demo_pipeline
 from .pattern_file import PatternFile
 from .plan import AttentionPlan, PlanContext
 from .state import SiteState

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..search import AttentionSample, capture_attention, window_mass
+from ..search import AttentionSample, capture_attention
+from .locality import window_mass
 from .attention_maps import attention_map, labelled_grid
 
 

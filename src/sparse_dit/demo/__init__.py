@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import SparseDiTError
+from ..errors import SparseDiTError
 
 # Two trained variants of one recipe. `concentrated` (the default) attends like a real video DiT: the top 20% of
 # key blocks hold most of a query block's attention, so block selectors can be told apart. `diffuse`, the

@@ -7,8 +7,8 @@ of the captioned motion the prediction from pure noise holds. Example (docs/demo
 "Fourier coordinates, two wider heads, a higher rate"; those runs were RGB only with a 1-layer T5, which
 `"coverage": false, "text_layers": 1` restores):
 
-    python scripts/demo_recipe_ab.py --out runs/base --stages 4x64:8:250 --model '{"frequencies": 0, "heads": 4, "head_dim": 32, "coverage": false, "text_layers": 1}' &
-    python scripts/demo_recipe_ab.py --out runs/fq4 --stages 4x64:8:250 --model '{"frequencies": 4, "coverage": false, "text_layers": 1}' &
+    python -m sparse_dit.demo.research.recipe_ab --out runs/base --stages 4x64:8:250 --model '{"frequencies": 0, "heads": 4, "head_dim": 32, "coverage": false, "text_layers": 1}' &
+    python -m sparse_dit.demo.research.recipe_ab --out runs/fq4 --stages 4x64:8:250 --model '{"frequencies": 4, "coverage": false, "text_layers": 1}' &
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from sparse_dit.pipelines.demo import train
-from sparse_dit.pipelines.demo.clips import as_latents, parse_caption, render_with_coverage
-from sparse_dit.pipelines.demo.evaluate import CAPTIONS, motion_from_noise
-from sparse_dit.pipelines.demo.pipeline import CHANNELS, ShapesVideoPipeline
+from sparse_dit.demo import train
+from sparse_dit.demo.clips import as_latents, parse_caption, render_with_coverage
+from sparse_dit.demo.evaluate import CAPTIONS, motion_from_noise
+from sparse_dit.demo.pipeline import CHANNELS, ShapesVideoPipeline
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import ConfigError
+from ..errors import ConfigError
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.12, 0.12),

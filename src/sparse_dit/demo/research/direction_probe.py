@@ -8,7 +8,7 @@ for each moving caption of that set. Objects scale with the frame, so the task i
 the tokens. Example (docs/demo_model.md, "The direction plateau"; `--model` restores the RGB-only model with
 a 1-layer T5 that those probes ran on, no longer `build_components`' default):
 
-    python scripts/demo_direction_probe.py --out runs/one --colours red --shapes circle --motions left,right \
+    python -m sparse_dit.demo.research.direction_probe --out runs/one --colours red --shapes circle --motions left,right \
         --model '{"coverage": false, "text_layers": 1}' &
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from sparse_dit.pipelines.demo import train
-from sparse_dit.pipelines.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec, random_object
-from sparse_dit.pipelines.demo.evaluate import motion_from_noise
-from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
+from sparse_dit.demo import train
+from sparse_dit.demo.clips import COLOURS, MOTIONS, SHAPES, ClipSpec, ShapeSpec, random_object
+from sparse_dit.demo.evaluate import motion_from_noise
+from sparse_dit.demo.pipeline import ShapesVideoPipeline
 
 PURE_NOISE_SHIFT = 1e4  # shifts the uniform draws to t > 0.99 for all but 1% of them
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns.geometry import token_coords
-from .capture import AttentionSample
+from ..search.capture import AttentionSample
 
 
 def window_mass(sample: AttentionSample, window: tuple[int, int, int] = (3, 5, 5)) -> tuple[torch.Tensor, float]:

@@ -3,7 +3,7 @@
 A GPU runs an hour of the CPU recipe in about a minute, so it answers which recipe to spend the CPU's
 90 minutes on. Results are indicative only: the shipped weights are always trained on CPU.
 
-    python3 scripts/gpu_demo_sweep.py --out DIR [--variants A,B] [--seeds 20] [--deadline 300]
+    python -m sparse_dit.demo.research.gpu_sweep --out DIR [--variants A,B] [--seeds 20] [--deadline 300]
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ if os.environ.get("SWEEP_SMOKE"):  # a seconds-long run of the whole script, to 
 def run_variant(name: str, out: Path, seeds: int) -> None:
     import torch
 
-    from sparse_dit.pipelines.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate
-    from sparse_dit.pipelines.demo.pipeline import ShapesVideoPipeline
-    from sparse_dit.pipelines.demo.train import Stage, train_demo
+    from sparse_dit.demo.evaluate import CAPTIONS, HELD_OUT_CAPTIONS, pass_rate
+    from sparse_dit.demo.pipeline import ShapesVideoPipeline
+    from sparse_dit.demo.train import Stage, train_demo
 
     torch.set_num_threads(2)
     stages, lr = VARIANTS[name]

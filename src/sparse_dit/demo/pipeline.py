@@ -27,8 +27,8 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ...errors import ConfigError
-from ..text import tiny_t5_config, word_tokenizer
+from ..errors import ConfigError
+from .text import tiny_t5_config, word_tokenizer
 from .clips import VOCABULARY, parse_caption
 
 MAX_TOKENS = 12  # "a red circle moving up left and a blue square staying still" is 12 words

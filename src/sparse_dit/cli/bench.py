@@ -1,0 +1,49 @@
+"""`sparse-dit bench kernels`: dense SDPA against the sparse path on random block layouts, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .args import csv
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..evals.bench_kernels import cases, format_table, run_case
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    todo = cases(args.seq, args.head_dim, args.density, args.block, args.backend, args.heads, args.dtype)
+    results = []
+    for case in tqdm(todo, desc="bench kernels"):
+        results.append(run_case(case, device, args.reps, args.warmup))
+        if args.json:  # after every case: a run cut short keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    timer = "CUDA events" if torch.device(device).type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device}, {timer}, {args.dtype}, median of {args.reps} rounds (dense, sparse, bare kernel in turn) after {args.warmup} warm-up")
+    print(format_table(results))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    kern = bench.add_parser("kernels", help="dense SDPA vs the sparse path on random block layouts, in one run")
+    kern.add_argument("--seq", type=csv(int), default=[8192, 16384, 32768], help="comma-separated sequence lengths")
+    kern.add_argument("--head-dim", type=csv(int), default=[64])
+    kern.add_argument("--density", type=csv(float), default=[0.1, 0.2, 0.3])
+    kern.add_argument("--block", type=csv(int), default=[128])
+    kern.add_argument("--backend", type=csv(str), default=["auto"], help="auto, gather, flex, triton, reference (comma-separated)")
+    kern.add_argument("--heads", type=int, default=2)
+    kern.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    kern.add_argument("--reps", type=int, default=5)
+    kern.add_argument("--warmup", type=int, default=2)
+    kern.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    kern.add_argument("--json", default=None, help="write one record per case to this file")
+    kern.set_defaults(func=cmd_bench_kernels)

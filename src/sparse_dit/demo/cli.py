@@ -1,0 +1,149 @@
+"""The demo model's commands: `sparse-dit demo`, `score-demo` and `train-demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..cli.args import add_video, given, video_call
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ..evals.runner import EvalSettings, Evaluation
+    from ..evals.video import side_by_side, write_video
+    from ..patterns import resolve_config
+    from . import load_demo_pipeline
+    from .clips import parse_caption
+
+    parse_caption(args.prompt)  # unknown words fail here, listing the vocabulary, before anything loads
+    config = resolve_config(args.method, **(json.loads(args.options) if args.options else {}))
+    pipe = load_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    out = Path(args.out)
+    for stale in (out / "results.json", out / "videos"):  # a demo is one fresh comparison, never resumed
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    call = video_call(args)
+    settings = EvalSettings(out=out, methods=[args.method], prompts=[args.prompt], call_kwargs=call, reps=1, warmup=1)
+    evaluation = Evaluation(pipe, settings)
+    print(f"sparse-dit demo: the shipped demo model, {args.num_frames}x{args.height}x{args.width} pixels, "
+          f"{args.steps} steps, '{args.prompt}', seed {args.seed}; dense, then {config.method} (each after a warm-up run)")
+    dense, dense_record = evaluation.dense(0, args.prompt, args.seed)
+    sparse, record = evaluation.method(args.method, config, 0, args.prompt, args.seed, dense, dense_record)
+    comparison = side_by_side(dense, sparse)
+    videos = [write_video(comparison, out / f"side_by_side.{suffix}") for suffix in ("mp4", "gif")]
+    keys = ("method", "prompt", "seed", "config", "density", "density_all_steps", "attention_s", "total_s",
+            "attention_speedup", "speedup", "psnr", "ssim")
+    summary = {key: record[key] for key in keys} | {"dense_attention_s": dense_record["attention_s"],
+                                                   "dense_total_s": dense_record["total_s"], "call": call}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"method {config.method}: density {record['density']:.3f} over the attention calls that ran a plan "
+          f"({record['density_all_steps']:.3f} over all, dense steps and layers included)")
+    print(f"attention time: dense {dense_record['attention_s']:.2f} s, sparse {record['attention_s']:.2f} s "
+          f"({record['attention_speedup']:.2f}x)")
+    print(f"end-to-end:     dense {dense_record['total_s']:.2f} s, sparse {record['total_s']:.2f} s ({record['speedup']:.2f}x)")
+    print(f"PSNR sparse vs dense: {record['psnr']:.2f} dB, SSIM {record['ssim']:.3f}")
+    print(f"wrote {videos[0]}, {videos[1]} (dense | sparse | 4x difference), {out / 'summary.json'}")
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from .train import DEFAULT_STAGES, Stage, train_demo
+
+    stages = [Stage.parse(s) for s in (args.stages or DEFAULT_STAGES).split(",")]
+    model = given(coverage=args.coverage, text_layers=args.text_layers)
+    ramp = tuple(int(x) for x in args.qk_gain_ramp.split(":")) if args.qk_gain_ramp else None
+    summary = train_demo(Path(args.out), stages, seed=args.seed, device=args.device, model=model,
+                         **given(lr=args.lr, qk_gain=args.qk_gain, qk_gain_ramp=ramp, train_qk_gain=args.train_qk_gain))
+    print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
+          f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
+    return 0
+
+
+def cmd_score_demo(args: argparse.Namespace) -> int:
+    from . import load_demo_pipeline
+    from .evaluate import (CAPTIONS, HELD_OUT_CAPTIONS, motion_from_noise, pass_rate,
+                                                    predictions_by_noise, sample_sheet)
+    from .pipeline import DEFAULT_GUIDANCE
+
+    pipe = load_demo_pipeline(args.path)
+    pipe.set_progress_bar_config(disable=True)
+    report = {}
+    if args.noise_figure:
+        image, errors = predictions_by_noise(pipe)
+        Path(args.noise_figure).parent.mkdir(parents=True, exist_ok=True)
+        image.save(args.noise_figure)
+        report["x0_mse_by_noise"] = errors
+        print(f"clean-clip predictions by noise level -> {args.noise_figure}; MSE: "
+              + ", ".join(f"t={t}: {e:.4f}" for t, e in errors.items()))
+        report["motion_from_noise"] = motion_from_noise(pipe)
+        print(f"motion known from pure noise: {report['motion_from_noise']:.2f} of the captioned shift")
+    call = {"num_inference_steps": args.steps, "num_frames": args.num_frames, "height": args.size, "width": args.size,
+            "guidance_scale": args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE}
+    report["call"] = call
+    if args.samples_figure:
+        Path(args.samples_figure).parent.mkdir(parents=True, exist_ok=True)
+        sample_sheet(pipe, **call).save(args.samples_figure)
+        print(f"one clip per caption (seed 1000, frames 0, 5, 10, 15) -> {args.samples_figure}")
+    for name, captions, seeds in (("seen", CAPTIONS, args.seeds), ("held_out", HELD_OUT_CAPTIONS, args.held_out_seeds)):
+        if not seeds:
+            continue
+        rate = pass_rate(pipe, captions, seeds=seeds, batch=args.batch, **call)
+        report[name] = {"overall": rate.overall, "per_caption": rate.per_caption, "seeds": seeds}
+        print(f"{name}: {rate.overall:.0%} of {len(captions)} captions x {seeds} seeds pass")
+        for caption, share in rate.per_caption.items():
+            print(f"  {share:4.0%}  {caption}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="generate a clip dense and sparse from the same seed and compare them")
+    demo.add_argument("--method", default="window", help="sparse method (see `sparse-dit methods`)")
+    demo.add_argument("--options", default=None, help='method options as JSON, e.g. \'{"window": [3, 7, 7]}\'')
+    demo.add_argument("--prompt", default="a yellow circle moving down", help="a caption in the demo vocabulary")
+    demo.add_argument("--out", default="outputs/demo", help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    add_video(demo, steps=20, frames=16, height=64, width=64)
+    demo.set_defaults(func=cmd_demo)
+
+    score = sub.add_parser("score-demo", help="share of demo clips that move as captioned (pixel scorer)")
+    score.add_argument("--path", default=None, help="a trained pipeline folder (default: the shipped weights)")
+    score.add_argument("--seeds", type=int, default=20, help="new seeds per caption (1000, 1001, ...)")
+    score.add_argument("--held-out-seeds", type=int, default=20, help="seeds per held-out caption (0 skips them)")
+    score.add_argument("--steps", type=int, default=20)
+    score.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    score.add_argument("--num-frames", type=int, default=16)
+    score.add_argument("--size", type=int, default=64)
+    score.add_argument("--batch", type=int, default=10, help="clips generated per pipeline call")
+    score.add_argument("--json", default=None, help="write the rates to this file")
+    score.add_argument("--noise-figure", default=None,
+                       help="also write a PNG of the model's clean-clip predictions from noise levels 0.3-0.98")
+    score.add_argument("--samples-figure", default=None,
+                       help="also write a PNG of one clip per caption (5 seen, 2 held out; seed 1000, frames 0, 5, 10, 15)")
+    score.set_defaults(func=cmd_score_demo)
+
+    train = sub.add_parser("train-demo", help="train the demo model from scratch on procedural clips (CPU)")
+    train.add_argument("--out", required=True, help="folder to save the pipeline to (save_pretrained)")
+    train.add_argument("--stages", default=None,
+                       help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order (default: those of the "
+                       "shipped weights, sparse_dit.demo.train.DEFAULT_STAGES)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: that of the shipped weights)")
+    train.add_argument("--qk-gain", type=float, default=None,
+                       help="scale the self-attention QK-norm gains up to this (default: that of the shipped weights)")
+    train.add_argument("--qk-gain-ramp", default=None, metavar="START:END",
+                       help="optimiser steps over which the gains rise linearly from 1 to --qk-gain")
+    train.add_argument("--train-qk-gain", action=argparse.BooleanOptionalAction, default=None,
+                       help="let the optimiser move the scaled gains too (by default they follow the ramp alone)")
+    train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
+    train.add_argument("--coverage", action=argparse.BooleanOptionalAction, default=None,
+                       help="also denoise a channel of object coverage, a colour-free mask (default: on, as the shipped "
+                       "weights; docs/demo_model.md)")
+    train.add_argument("--text-layers", type=int, default=None,
+                       help="T5 encoder layers (default 0, as the shipped weights: each caption word stays unmixed)")
+    train.set_defaults(func=cmd_train_demo)

@@ -1,0 +1,1 @@
+"""Scripts that screened the demo model's recipe (docs/demo_model.md); run each with `python -m`."""
