@@ -74,8 +74,8 @@ def attend_blocks(
         if kept == 0:  # query blocks that attend to nothing output zeros, as the reference does
             out[group.rows] = 0
             continue
-        parts = math.ceil(kept * bs * 2 * d * kb.element_size() / KV_BYTES)
-        bounds = [kept * i // parts for i in range(parts + 1)]
+        bounds = split_bounds(kept, bs * 2 * d * kb.element_size())
+        parts = len(bounds) - 1
         for start in range(0, len(group.rows), CHUNK):
             rows = group.rows[start : start + CHUNK]
             q = torch.index_select(qb, 0, rows, out=_workspace("queries", (len(rows), bs, d), qb.dtype, qb.device))[:, None]
@@ -98,6 +98,18 @@ def attend_blocks(
                     lse = merged
             out[rows] = acc[:, 0].to(out.dtype)
     return out
+
+
+def split_bounds(kept: int, block_bytes: int) -> list[int]:
+    """Boundaries (parts + 1 ints, 0 to `kept`) of the key splits of a query block keeping `kept` key blocks of
+    `block_bytes` K + V bytes each: as few splits as keep each within `KV_BYTES`, whole blocks each.
+
+    A split never splits a block, so there are at most `kept` splits and each holds at least one block: an empty
+    split would hand the CPU flash kernel zero keys, which it divides by (SIGFPE, not an exception). A single
+    block over the budget runs as one split of its own, slower but exact.
+    """
+    parts = min(kept, max(1, math.ceil(kept * block_bytes / KV_BYTES)))
+    return [kept * i // parts for i in range(parts + 1)]
 
 
 def _keys(kb: torch.Tensor, vb: torch.Tensor, group: _Group, start: int, lo: int, hi: int, bs: int):
