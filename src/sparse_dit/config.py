@@ -16,6 +16,18 @@ def _check(condition: bool, name: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{name}={value!r} is out of range: expected {expected}")
 
 
+def _triton_usable() -> bool:
+    """CUDA and triton present, or triton's CPU interpreter switched on (how its kernels are tested here)."""
+    import importlib.util
+    import os
+
+    import torch
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _is_int(value: Any) -> bool:
     # bool is an int to Python; block_size=True is a mistake, not a block of 1.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -70,12 +82,17 @@ class SparseAttentionConfig:
             _check(0.0 <= steps <= 1.0, "dense_steps", steps, "a fraction in [0, 1] or an int count >= 0")
         else:
             _check(steps >= 0, "dense_steps", steps, "an int count >= 0 or a fraction in [0, 1]")
-        layers = (self.dense_layers,) if isinstance(self.dense_layers, int) else tuple(self.dense_layers)
-        _check(all(isinstance(i, int) and i >= 0 for i in layers), "dense_layers", self.dense_layers, "layer indices >= 0")
+        layers = self.dense_layers
+        layers = (layers,) if _is_int(layers) else tuple(layers) if isinstance(layers, (tuple, list, range)) else None
+        _check(layers is not None and all(_is_int(i) and i >= 0 for i in layers), "dense_layers", self.dense_layers,
+               "an int or a sequence of layer indices >= 0")
         object.__setattr__(self, "dense_layers", layers)
-        _check(isinstance(self.min_seq_len, int) and self.min_seq_len >= 0, "min_seq_len", self.min_seq_len, "an int >= 0")
+        _check(_is_int(self.min_seq_len) and self.min_seq_len >= 0, "min_seq_len", self.min_seq_len, "an int >= 0")
         _check(_is_int(self.block_size) and self.block_size >= 1, "block_size", self.block_size, "an int >= 1 (64 or 128 on GPU)")
-        _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
+        _check(isinstance(self.backend, str) and self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
+        if self.backend == "triton" and not _triton_usable():
+            raise ConfigError("backend='triton' needs a CUDA GPU and the triton package, and this machine lacks one of them; "
+                              "use backend='auto', which picks the fastest backend this machine has")
         n = self.num_inference_steps
         _check(n is None or (_is_int(n) and n >= 1), "num_inference_steps", n, "None or an int >= 1")
         _check(_is_int(self.replan_every) and self.replan_every >= 1, "replan_every", self.replan_every, "an int >= 1")
@@ -108,8 +125,9 @@ class SparseAttentionConfig:
         total = num_steps if num_steps is not None else self.num_inference_steps
         if total is None:
             raise ConfigError(
-                f"dense_steps={self.dense_steps} is a fraction but the number of denoising steps is unknown "
-                "(a bare transformer is hooked); pass num_inference_steps=N or an int count of dense steps"
+                f"dense_steps={self.dense_steps} is a fraction but the number of denoising steps is unknown: pass "
+                "num_steps=N to sparse_attention / SparseAttention calls, num_inference_steps=N in the config when "
+                "a bare transformer is hooked, or an int count of dense steps"
             )
         # floor, as SVG does: 20% of 50 steps is 10, of 3 steps is 0.
         return math.floor(self.dense_steps * total + 1e-9)

@@ -214,5 +214,8 @@ class PatternFile:
 
 
 def is_pattern_path(spec: Any) -> bool:
-    """Whether `spec` names a pattern file rather than a method."""
-    return isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.endswith(SUFFIX))
+    """Whether `spec` names a pattern file rather than a method: a path object, a ".safetensors" name, or a
+    string naming something on disk (so that a folder given as str and as Path gets the same answer)."""
+    if isinstance(spec, os.PathLike):
+        return True
+    return isinstance(spec, str) and (spec.endswith(SUFFIX) or os.sep in spec or os.path.exists(spec))

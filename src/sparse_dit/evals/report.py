@@ -62,6 +62,11 @@ def markdown(records: list[dict], title: str) -> str:
     lines.append("|---" * (len(HEADERS) + 2) + "|")
     for row in summarize(records):
         lines.append(f"| {row['method']} | {row['n']} | " + " | ".join(_fmt(row[k], k) for k in SCORES) + " |")
+    idle = sorted({label(r) for r in records if r["method"] != "dense" and r.get("sparse_calls") == 0},
+                  key=lambda name: (" ~ " in name, name))
+    if idle:
+        lines += ["", f"Nothing ran sparse for {', '.join(idle)}: every attention call stayed dense (sequences shorter "
+                  "than min_seq_len, kept layers or warm-up steps), so no density or speed-up is shown."]
     if all(r.get("lpips") is None for r in records):
         lines += ["", "LPIPS is absent: its backbone weights cannot be obtained offline on this machine."]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ skipped when the command is run again on the same output folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -27,6 +28,7 @@ from ..plugin import (
     AttentionStats,
     disable_sparse_attention,
     enable_sparse_attention,
+    model_signature,
     sparse_attention_config,
     sparse_attention_stats,
 )
@@ -103,12 +105,26 @@ class Evaluation:
         self.results_path = self.out / "results.json"
         self.records: list[dict] = json.loads(self.results_path.read_text()) if self.results_path.exists() else []
         self._warm: set[str] = set()
+        self._model = model_signature(pipe).components
+        self.stale = 0  # finished items whose settings changed since they were written, evaluated again
 
     # -- bookkeeping -------------------------------------------------------------------------------
-    def _find(self, method: str, prompt: str, seed: int, paired_with: str | None = None) -> dict | None:
+    def item_key(self, method: str, prompt: str, seed: int, paired_with: str | None, config: dict, base: str = "") -> str:
+        """A hash of everything that defines one item: the model, the pipeline call, prompt, seed, the method's
+        config (a control's: its own and the paired method's), and the key of the dense video it is scored against."""
+        data = {"model": self._model, "call": self.settings.call_kwargs, "method": method, "prompt": prompt, "seed": seed,
+                "paired_with": paired_with, "config": config, "base": base}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _find(self, method: str, prompt: str, seed: int, paired_with: str | None = None, key: str | None = None) -> dict | None:
+        """The finished record of an item with this key; a record of the item made under other settings is dropped."""
         for r in self.records:
             if (r["method"], r["prompt"], r["seed"], r.get("paired_with")) == (method, prompt, seed, paired_with):
-                return r
+                if r.get("key") == key:
+                    return r
+                self.records.remove(r)
+                self.stale += 1
+                return None
         return None
 
     def _add(self, record: dict) -> dict:
@@ -160,7 +176,9 @@ class Evaluation:
         density_map = [[stats.entries[(s, l)].density if (s, l) in stats.entries else None for l in layers] for s in steps]
         table = [[s, e.site, e.head_densities] for (s, _), e in stats.entries.items() if s is not None and e.site is not None]
         record = {
-            "density": stats.density(sparse_only=True) if stats.density(sparse_only=True) is not None else 1.0,
+            # None where no call ran a plan (all under min_seq_len, kept layers, warm-up steps): no density to report.
+            "density": stats.density(sparse_only=True),
+            "sparse_calls": sum(e.sparse_calls for e in stats.entries.values()),
             "density_all_steps": stats.density(),
             "attention_s": attention_s,
             "attention_calls": stats.calls,
@@ -176,14 +194,17 @@ class Evaluation:
     def dense(self, prompt_idx: int, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
         """The dense baseline video (T, C, H, W) and record of (prompt, seed): reused if already done."""
         path = self._video_path(BASELINE, prompt_idx, seed).with_suffix(".safetensors")
-        record = self._find(BASELINE, prompt, seed)
+        config = resolve_config("dense", dense_steps=1.0)
+        key = self.item_key(BASELINE, prompt, seed, None, config.to_dict())
+        record = self._find(BASELINE, prompt, seed, key=key)
         if record is not None and path.exists():
             return load_file(path)["video"], record
         # Every step dense: the model's own attention, timed by the same hooks as the sparse runs.
-        video, record = self._run(BASELINE, resolve_config("dense", dense_steps=1.0), prompt, seed)
+        video, record = self._run(BASELINE, config, prompt, seed)
         record.pop("density_table")
         record.pop("config")
-        record.update(method=BASELINE, paired_with=None, prompt=prompt, seed=seed, speedup=1.0, attention_speedup=1.0,
+        record.update(method=BASELINE, paired_with=None, prompt=prompt, seed=seed, key=key, density=1.0, speedup=1.0,
+                      attention_speedup=1.0,
                       **metrics.reference_scores(video, video), **metrics.vbench_scores(video))
         save_file({"video": video.contiguous()}, path)
         return video, self._add(record)
@@ -196,10 +217,11 @@ class Evaluation:
         tag = name if paired_with is None else f"{name}-{paired_with}"
         base = self._video_path(tag, prompt_idx, seed)
         write_video(side_by_side(dense_video, video), base.with_suffix(".gif"))
+        ran_sparse = record["sparse_calls"] > 0  # else the times differ by noise alone: no speed-up to quote
         record.update(
             method=name, paired_with=paired_with, prompt=prompt, seed=seed,
-            speedup=dense_record["total_s"] / record["total_s"],
-            attention_speedup=dense_record["attention_s"] / max(record["attention_s"], 1e-12),
+            speedup=dense_record["total_s"] / record["total_s"] if ran_sparse else None,
+            attention_speedup=dense_record["attention_s"] / max(record["attention_s"], 1e-12) if ran_sparse else None,
             video=str(base.with_suffix(".gif").relative_to(self.out)),
             **metrics.reference_scores(video, dense_video), **metrics.vbench_scores(video),
         )
@@ -258,15 +280,21 @@ class Evaluation:
             dense_video, dense_record = self.dense(i, prompt, seed)
             bar.update(1)
             for name, config in configs.items():
-                record = self._find(name, prompt, seed)
+                key = self.item_key(name, prompt, seed, None, config.to_dict(), dense_record["key"])
+                record = self._find(name, prompt, seed, key=key)
                 if record is None:
-                    record = self._add(self.method(name, config, i, prompt, seed, dense_video, dense_record)[1])
+                    record = self._add({**self.method(name, config, i, prompt, seed, dense_video, dense_record)[1], "key": key})
                 bar.update(1)
                 for control in controls:
                     if control == name:
                         continue
-                    if self._find(control, prompt, seed, paired_with=name) is None:
-                        self._add(self._control(control, name, config, record, i, prompt, seed, dense_video, dense_record))
+                    control_key = self.item_key(control, prompt, seed, name, self.settings.configs.get(control, {}), key)
+                    if self._find(control, prompt, seed, paired_with=name, key=control_key) is None:
+                        paired = self._control(control, name, config, record, i, prompt, seed, dense_video, dense_record)
+                        self._add({**paired, "key": control_key})
                     bar.update(1)
         bar.close()
+        if self.stale:
+            tqdm.write(f"{self.stale} finished items were made under other settings (steps, sizes, model or options) "
+                       "and were evaluated again")
         return self.records

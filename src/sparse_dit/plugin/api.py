@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -123,6 +124,14 @@ def enable_sparse_attention(
     sites = attention_sites(target)
     if pattern is not None:
         pattern.check_model(model_signature(target))
+    mine = _attached(target)
+    for model in models:
+        if _attached(model) not in (None, mine):
+            raise SparseDiTError(
+                f"this {type(target).__name__}'s {type(model).__name__} is shared with another pipeline (or was enabled "
+                "on its own) that has sparse attention enabled; enabling here would silently change that one too. "
+                "Call disable_sparse_attention on it first"
+            )
     disable_sparse_attention(target)
     runtime = SparseAttentionRuntime(config, pipeline=target if _is_pipeline(target) else None, pattern=pattern)
     for model in models:
@@ -132,12 +141,31 @@ def enable_sparse_attention(
     for model in models:
         model._diffusers_hook.invalidate_child_registries_cache()
     for obj in {id(target): target, **{id(m): m for m in models}}.values():
-        setattr(obj, _RUNTIME_ATTR, runtime)
+        obj.__dict__[_RUNTIME_ATTR] = runtime
+        obj.__dict__["__deepcopy__"] = _refuse_deepcopy
+        runtime.attached.append(weakref.ref(obj))
     return config
 
 
+def _attached(obj: Any) -> SparseAttentionRuntime | None:
+    return obj.__dict__.get(_RUNTIME_ATTR)
+
+
+def _refuse_deepcopy(memo: dict) -> None:
+    # The hooks replace each module's `forward` with a closure over the original module and its runtime, which
+    # deepcopy does not copy: a copy would run the original's hooks (and report to the original's stats).
+    raise SparseDiTError(
+        "cannot deepcopy a model with sparse attention enabled: its hooks would stay bound to the original. Call "
+        "disable_sparse_attention() first, copy, then enable sparse attention on each copy"
+    )
+
+
 def disable_sparse_attention(target: Any) -> None:
-    """Remove every sparse-dit hook from `target`, restoring the exact dense model. A no-op if not enabled."""
+    """Remove every sparse-dit hook from `target`, restoring the exact dense model. A no-op if not enabled.
+
+    A transformer shared with another pipeline is restored for both, and neither reports it enabled any more.
+    """
+    runtimes = {id(r): r for r in (_attached(target), *map(_attached, transformers_of(target))) if r is not None}
     for model in transformers_of(target):
         for module in model.modules():
             _unregister(module, ATTENTION_HOOK)
@@ -145,14 +173,25 @@ def disable_sparse_attention(target: Any) -> None:
         registry = getattr(model, "_diffusers_hook", None)
         if registry is not None:
             registry.invalidate_child_registries_cache()
-        model.__dict__.pop(_RUNTIME_ATTR, None)
-    if not isinstance(target, torch.nn.Module):
-        target.__dict__.pop(_RUNTIME_ATTR, None)
+    for runtime in runtimes.values():
+        for ref in runtime.attached:
+            obj = ref()
+            if obj is not None and obj.__dict__.get(_RUNTIME_ATTR) is runtime:
+                del obj.__dict__[_RUNTIME_ATTR]
+                obj.__dict__.pop("__deepcopy__", None)
+
+
+def _runtime(target: Any) -> SparseAttentionRuntime | None:
+    """The runtime hooked into `target`: its own, or that of a transformer it shares with another pipeline."""
+    runtime = _attached(target)
+    if runtime is None and not isinstance(target, torch.nn.Module) and _is_pipeline(target):
+        runtime = next((r for r in map(_attached, transformers_of(target)) if r is not None), None)
+    return runtime
 
 
 def runtime_of(target: Any) -> SparseAttentionRuntime:
-    """The runtime `enable_sparse_attention` attached to `target`; raises if not enabled."""
-    runtime = getattr(target, _RUNTIME_ATTR, None)
+    """The runtime hooked into `target` (see `_runtime`); raises if sparse attention is not enabled."""
+    runtime = _runtime(target)
     if runtime is None:
         raise SparseDiTError("sparse attention is not enabled here; call enable_sparse_attention first")
     return runtime
@@ -165,7 +204,7 @@ def sparse_attention_stats(target: Any) -> AttentionStats:
 
 def sparse_attention_config(target: Any) -> SparseAttentionConfig | None:
     """The config in effect on `target`, or None if sparse attention is not enabled."""
-    runtime = getattr(target, _RUNTIME_ATTR, None)
+    runtime = _runtime(target)
     return None if runtime is None else runtime.config
 
 

@@ -115,6 +115,7 @@ class SparseAttentionRuntime:
     def __init__(self, config: SparseAttentionConfig, pipeline: Any = None, pattern: PatternFile | None = None) -> None:
         self.config = config
         self.engine = SparseAttention(config, pattern=pattern)
+        self.attached: list[weakref.ref] = []  # the pipeline and transformers that carry this runtime
         self.steps = StepTracker(pipeline)
         self.current: ForwardState | None = None
         # Called as observer(site, ctx, q, k, scale) before every self-attention call: how offline tools
