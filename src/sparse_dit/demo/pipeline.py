@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.utils import BaseOutput
@@ -56,11 +57,16 @@ def coordinate_planes(times: torch.Tensor, height: int, width: int, frequencies:
     return torch.cat([planes, *waves]).movedim(0, -4)
 
 
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
 @dataclass
 class ShapesVideoPipelineOutput(BaseOutput):
-    """frames: (B, F, 3, H, W) tensor in [0, 1] for output_type "pt", (B, F, H, W, 3) array for "np"."""
+    """frames, for each output_type: "np" a (B, F, H, W, 3) float array in [0, 1]; "pt" a (B, F, 3, H, W) float
+    tensor in [0, 1]; "pil" a list of B videos, each a list of F RGB images; "latent" the denoised (B, C, F, H, W)
+    float32 latents in [-1, 1] (RGB, then the coverage channel where the model has one), unclamped."""
 
-    frames: torch.Tensor | np.ndarray
+    frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
 
 
 def build_components(heads: int = 2, head_dim: int = 64, layers: int = 4, frequencies: int = 4, seed: int = 0,
@@ -124,8 +130,12 @@ class ShapesVideoPipeline(DiffusionPipeline):
             times = torch.linspace(-1, 1, f, device=latents.device)
         frequencies = (self.transformer.config.in_channels - self.latent_channels - 3) // 6
         planes = coordinate_planes(times.to(latents.device, latents.dtype), h, w, frequencies)
-        return self.transformer(hidden_states=torch.cat([latents, planes.expand(b, -1, f, h, w)], dim=1), timestep=timestep,
-                                encoder_hidden_states=text, return_dict=False)[0]
+        # The transformer runs in its own dtype (bf16 or fp16 after `pipe.to(dtype)`), the caller in its own.
+        dtype = self.transformer.dtype
+        hidden = torch.cat([latents, planes.expand(b, -1, f, h, w)], dim=1).to(dtype)
+        clean = self.transformer(hidden_states=hidden, timestep=timestep, encoder_hidden_states=text.to(dtype),
+                                 return_dict=False)[0]
+        return clean.to(latents.dtype)
 
     @property
     def latent_channels(self) -> int:
@@ -150,6 +160,22 @@ class ShapesVideoPipeline(DiffusionPipeline):
         if num_frames < 1:
             raise ConfigError(f"num_frames={num_frames} must be >= 1")
 
+    def check_call(self, prompts: list[str], negatives: list[str], num_videos_per_prompt: int, output_type: str,
+                   generator: torch.Generator | list[torch.Generator] | None) -> None:
+        """Raise `ConfigError` for call arguments that do not fit together, before anything is computed."""
+        if output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type={output_type!r} is not one of {', '.join(map(repr, OUTPUT_TYPES))}")
+        if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ConfigError(f"num_videos_per_prompt={num_videos_per_prompt!r} must be an int >= 1")
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one per prompt, or one "
+                              "string for all")
+        videos = len(prompts) * num_videos_per_prompt
+        if isinstance(generator, list) and len(generator) != videos:
+            raise ConfigError(f"a list of {len(generator)} generators for {videos} videos ({len(prompts)} prompts x "
+                              f"num_videos_per_prompt={num_videos_per_prompt}): give one generator per video, or one "
+                              "for all")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -160,24 +186,35 @@ class ShapesVideoPipeline(DiffusionPipeline):
         width: int = 64,
         num_inference_steps: int = 20,
         guidance_scale: float = DEFAULT_GUIDANCE,
+        num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> ShapesVideoPipelineOutput | tuple:
-        """Generate clips. Returns `.frames`: (B, F, H, W, 3) numpy for "np", (B, F, 3, H, W) tensor for "pt"."""
+        """Generate `num_videos_per_prompt` clips per prompt, in prompt order (each prompt's videos together).
+
+        `generator`: one for all videos (drawn in one go, as diffusers does), or a list of one per video, which
+        makes each video's clip independent of the batch it is generated in. `output_type`: see
+        `ShapesVideoPipelineOutput`. The transformer runs in its dtype (`pipe.to(torch.bfloat16)` works); the
+        latents and the scheduler step stay float32, as in diffusers' pipelines.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if negative_prompt is not None else ""
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        self.check_call(prompts, negatives, num_videos_per_prompt, output_type, generator)
         self.check_size(num_frames, height, width)
         device = self.transformer.device
         cfg = guidance_scale > 1.0
+        # Each prompt's videos sit together, as diffusers repeats prompt embeddings (repeat_interleave).
+        prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_videos_per_prompt)]
         text = self.encode_prompt(prompts + negatives if cfg else prompts)
         batch = len(prompts)
-        # One generator per prompt gives every clip the noise it would get alone, so batching changes nothing.
-        latents = randn_tensor((batch, self.latent_channels, num_frames, height, width), generator=generator, device=torch.device("cpu"),
-                               dtype=torch.float32).to(device)
+        # Noise drawn in float32 on the CPU: the same clip on any device and in any dtype the transformer runs in.
+        latents = randn_tensor((batch, self.latent_channels, num_frames, height, width), generator=generator,
+                               device=torch.device("cpu"), dtype=torch.float32).to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
         with self.progress_bar(total=num_inference_steps) as progress:
@@ -196,8 +233,19 @@ class ShapesVideoPipeline(DiffusionPipeline):
                     latents = outputs.pop("latents", latents)
                 progress.update()
         self._current_timestep = None
-        frames = ((latents[:, :CHANNELS].clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
-        if output_type == "np":
-            frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+        frames = latents if output_type == "latent" else to_frames(latents, output_type)
         self.maybe_free_model_hooks()
         return ShapesVideoPipelineOutput(frames=frames) if return_dict else (frames,)
+
+
+def to_frames(latents: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]:
+    """Denoised clips (B, C, F, H, W) in [-1, 1] as frames in [0, 1] of `output_type` "pt", "np" or "pil"."""
+    frames = ((latents[:, :CHANNELS].float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W)
+    if output_type == "pt":
+        return frames
+    array = frames.permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, F, H, W, 3)
+    if output_type == "np":
+        return array
+    # As diffusers' numpy_to_pil: x255, rounded, uint8; one list of frames per video.
+    pixels = (array * 255).round().astype(np.uint8)
+    return [[PIL.Image.fromarray(frame) for frame in video] for video in pixels]
