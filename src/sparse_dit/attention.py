@@ -125,6 +125,7 @@ class SparseAttention:
         Returns:
             (B, S, H, D) in q's dtype.
         """
+        kernels.check_inputs(q, k, v)  # the same checks on the dense path as on every kernel backend
         if ctx.seq_len != q.shape[1]:
             raise ShapeError(f"the context covers S={ctx.seq_len} tokens (grid {ctx.grid} + text {ctx.text_len}) but q has S={q.shape[1]}")
         start = self._now(q.device)

@@ -5,7 +5,7 @@ Backends (what each honours exactly is `capabilities.TABLE`):
   or 128, no model mask, forward only.
 - "gather": the CPU fast path: each query block's kept key blocks gathered and run through the CPU flash
   SDPA kernel, query blocks grouped by their key count (`kernels.gather`). Fixed blocks, no low-bit Q·K, no
-  model mask, no LSE, no gradient; no compilation.
+  model mask, no LSE, no gradient, one head dim for q, k and v; no compilation.
 - "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (runs on CPU and CUDA; slower
   than "gather" on CPU, see docs/benchmarks.md). Fixed blocks, no model mask; on CPU no LSE, no gradient.
 - "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
@@ -22,28 +22,23 @@ from ..errors import ShapeError
 from ..plan import AttentionPlan
 from . import flex, gather
 from .capabilities import AUTO_MIN_SEQ, BACKENDS, Capabilities, backend_capabilities, select_backend
+from .inputs import check_inputs
 from .reference import reference_attention
 
-__all__ = ["AUTO_MIN_SEQ", "BACKENDS", "Capabilities", "backend_capabilities", "run", "select_backend"]
+__all__ = ["AUTO_MIN_SEQ", "BACKENDS", "Capabilities", "backend_capabilities", "check_inputs", "run", "select_backend"]
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ShapeError(f"q, k, v must be (B, S, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    b, s, h, d = q.shape
-    if k.shape[:2] != (b, s) or v.shape[:2] != (b, s) or k.shape[-1] != d:
-        raise ShapeError(
-            f"sparse attention is self-attention: k and v must be (B={b}, S={s}, H, D={d}); got {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape[2] != h:  # grouped-query attention: share each key head across its query heads
-        if h % k.shape[2] or v.shape[2] != k.shape[2]:
-            raise ShapeError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[2]}, {v.shape[2]})")
-        k, v = (x.repeat_interleave(h // x.shape[2], dim=2) for x in (k, v))
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v (B, S, Hkv, D|Dv) checked against q (B, S, H, D) and the plan, repeated to H heads for grouped-query attention."""
+    check_inputs(q, k, v)
+    b, s, h, _ = q.shape
     if plan.seq_len != s:
         raise ShapeError(f"plan covers S={plan.seq_len} tokens but the inputs have S={s}; plan for this sequence")
     pb, ph = plan.layout.shape[:2]
     if pb not in (1, b) or ph not in (1, h):
         raise ShapeError(f"plan is for (B, H)=({pb}, {ph}), which does not broadcast to the inputs' ({b}, {h})")
+    if k.shape[2] != h:  # share each key head across its query heads
+        k, v = (x.repeat_interleave(h // x.shape[2], dim=2) for x in (k, v))
     return k, v
 
 
@@ -61,7 +56,8 @@ def run(
     """Compute attention as `plan` prescribes.
 
     Args:
-        q, k, v: (B, S, H, D) in fp32, fp16 or bf16; k and v may have fewer heads (grouped-query attention).
+        q, k, v: (B, S, H, D) in fp32, fp16 or bf16; k and v may have fewer heads (grouped-query attention), v
+            another head dim Dv where the backend takes one (`check_inputs` says what else they must be).
         plan: the plan, its tensors broadcastable to (B, H).
         backend: "auto", "triton", "gather", "flex" or "reference" (see the module docstring); a backend that
             cannot honour a field of the plan or an option of the call raises `ConfigError`.
@@ -69,11 +65,11 @@ def run(
         attn_mask: optional model mask (bool, True = attend, or additive), broadcastable to (B, H, S, S).
         return_lse: also return the log-sum-exp of the scaled scores, float32 (B, H, S).
     Returns:
-        (B, S, H, D) in q's dtype, or (out, lse).
+        (B, S, H, Dv) in q's dtype, or (out, lse).
     """
-    k, v = _check_inputs(q, k, v, plan)
+    k, v = _expand_kv(q, k, v, plan)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    backend = select_backend(plan, q, attn_mask, return_lse, backend, grad=grad)
+    backend = select_backend(plan, q, attn_mask, return_lse, backend, grad=grad, v_head_dim=v.shape[-1])
     if backend == "gather":
         return gather.gather_attention(q, k, v, plan, scale=scale)
     if backend == "triton":

@@ -1,7 +1,7 @@
 """What each kernel backend can honour, in one table, and the one choice of backend made from it.
 
 A plan has fields (token order, variable blocks, head modes, low-bit Q·K) and a call has options (a model
-mask, the LSE, a gradient, a device, dtype and head dim). A backend that silently skipped one would compute
+mask, the LSE, a gradient, a device, dtype and head dim, a v head dim of its own). A backend that silently skipped one would compute
 another attention than the plan's, so `select_backend` checks every field against `TABLE`: "auto" picks the
 preferred backend that honours them all, and an explicit backend that does not raises `ConfigError` naming
 the field and the backends that would. `kernels.run` and `sparse-dit bench kernels` both choose through it.
@@ -57,6 +57,7 @@ class Capabilities:
         devices: device types (`torch.device.type`) of this row; None: any.
         dtypes: input dtypes; None: any.
         head_dims: head dims; None: any.
+        v_head_dim: values whose head dim Dv differs from q's and k's D.
         runtime: what must be present for the row to exist: "torch" (always), "triton" (triton installed,
             kernels built for the GPU) or "triton-interpreter" (kernels built under TRITON_INTERPRET=1).
     """
@@ -72,18 +73,19 @@ class Capabilities:
     devices: frozenset[str] | None
     dtypes: frozenset[torch.dtype] | None
     head_dims: frozenset[int] | None
+    v_head_dim: bool
     runtime: Runtime = "torch"
 
 
 def _row(*, variable_blocks: bool, quant: tuple[str, ...], attn_mask: bool, lse: bool, grad: bool,
          devices: tuple[str, ...] | None, dtypes: tuple[torch.dtype, ...] | None, head_dims: tuple[int, ...] | None,
-         runtime: Runtime = "torch") -> Capabilities:
+         v_head_dim: bool, runtime: Runtime = "torch") -> Capabilities:
     """A row of the table; every backend runs fixed blocks, token orders and head modes."""
     return Capabilities(
         fixed_blocks=True, variable_blocks=variable_blocks, order=True, head_modes=True, quant=frozenset(quant),
         attn_mask=attn_mask, lse=lse, grad=grad, devices=None if devices is None else frozenset(devices),
         dtypes=None if dtypes is None else frozenset(dtypes), head_dims=None if head_dims is None else frozenset(head_dims),
-        runtime=runtime,
+        v_head_dim=v_head_dim, runtime=runtime,
     )
 
 
@@ -92,28 +94,32 @@ TABLE: dict[str, tuple[Capabilities, ...]] = {
     # Dense attention under the expanded token mask: every field, any device, O(S^2) memory.
     "reference": (
         _row(variable_blocks=True, quant=QUANT_MODES, attn_mask=True, lse=True, grad=True, devices=None,
-             dtypes=(*_FLOATS, torch.float64), head_dims=None),
+             dtypes=(*_FLOATS, torch.float64), head_dims=None, v_head_dim=True),
     ),
     # Gathered blocks through the CPU flash SDPA kernel: index_select(out=...) has no autograd, its key
-    # splits call the CPU-only flash kernel, and it computes Q·K in the input dtype.
+    # splits call the CPU-only flash kernel, and it computes Q·K in the input dtype. That kernel takes one head
+    # dim for Q, K and V.
     "gather": (
         _row(variable_blocks=False, quant=("none",), attn_mask=False, lse=False, grad=False, devices=("cpu",),
-             dtypes=(*_FLOATS, torch.float64), head_dims=None),
+             dtypes=(*_FLOATS, torch.float64), head_dims=None, v_head_dim=False),
     ),
     # Compiled FlexAttention over full kept blocks, Q and K fake-quantised beforehand. Inductor's CPU
     # template is inference-only, returns no LSE and takes no float64.
     "flex": (
         _row(variable_blocks=False, quant=QUANT_MODES, attn_mask=False, lse=False, grad=False, devices=("cpu",),
-             dtypes=_FLOATS, head_dims=None),
+             dtypes=_FLOATS, head_dims=None, v_head_dim=True),
         _row(variable_blocks=False, quant=QUANT_MODES, attn_mask=False, lse=True, grad=True, devices=("cuda",),
-             dtypes=_FLOATS, head_dims=None),
+             dtypes=_FLOATS, head_dims=None, v_head_dim=True),
     ),
-    # The block-sparse kernels: every plan field, forward only, no model mask; the LSE is always computed.
+    # The block-sparse kernels: every plan field, forward only, no model mask; the LSE is always computed. One
+    # HEAD_DIM tile serves Q, K and V.
     "triton": (
         _row(variable_blocks=True, quant=QUANT_MODES, attn_mask=False, lse=True, grad=False, devices=("cuda",),
-             dtypes=TRITON_GPU_DTYPES, head_dims=TRITON_GPU_HEAD_DIMS, runtime="triton"),
+             dtypes=TRITON_GPU_DTYPES, head_dims=TRITON_GPU_HEAD_DIMS, v_head_dim=False,
+             runtime="triton"),
         _row(variable_blocks=True, quant=QUANT_MODES, attn_mask=False, lse=True, grad=False, devices=("cpu",),
-             dtypes=TRITON_INTERPRETER_DTYPES, head_dims=TRITON_INTERPRETER_HEAD_DIMS, runtime="triton-interpreter"),
+             dtypes=TRITON_INTERPRETER_DTYPES, head_dims=TRITON_INTERPRETER_HEAD_DIMS,
+             v_head_dim=False, runtime="triton-interpreter"),
     ),
 }
 
@@ -140,16 +146,18 @@ class Call:
     dtype: torch.dtype
     head_dim: int
     seq_len: int
+    v_head_dim: int | None = None  # v's head dim where it differs from head_dim
 
     @classmethod
     def of(cls, plan: AttentionPlan, q: torch.Tensor, attn_mask: torch.Tensor | None = None, return_lse: bool = False,
-           grad: bool | None = None) -> "Call":
+           grad: bool | None = None, v_head_dim: int | None = None) -> "Call":
         """The call `kernels.run(q, k, v, plan, attn_mask=attn_mask, return_lse=return_lse)` makes.
 
         Args:
             q: (B, S, H, D) queries.
             grad: whether the call must be differentiable; default: autograd is on and q requires a gradient
                 (`kernels.run` passes whether any of q, k, v does).
+            v_head_dim: v's head dim Dv; default: q's.
         """
         if grad is None:
             grad = torch.is_grad_enabled() and q.requires_grad
@@ -157,7 +165,7 @@ class Call:
             variable_blocks=plan.q_bounds is not None or plan.k_bounds is not None, order=plan.order is not None,
             head_modes=plan.head_mode is not None, quant=plan.quant, attn_mask=attn_mask is not None,
             lse=bool(return_lse), grad=bool(grad), device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
-            seq_len=plan.seq_len,
+            seq_len=plan.seq_len, v_head_dim=None if v_head_dim in (None, q.shape[-1]) else v_head_dim,
         )
 
 
@@ -226,6 +234,8 @@ def unmet(backend: str, call: Call) -> list[str]:
          f"dtype {_names([call.dtype])} on {call.device} (it takes {_names(row.dtypes or ())})"),
         (row.head_dims is not None and call.head_dim not in row.head_dims,
          f"head dim {call.head_dim} on {call.device} (it takes {_names(row.head_dims or ())})"),
+        (call.v_head_dim is not None and not row.v_head_dim,
+         f"a v head dim ({call.v_head_dim}) other than q's and k's ({call.head_dim})"),
     ]
     return [phrase for failed, phrase in checks if failed]
 
@@ -260,6 +270,7 @@ def select_backend(
     requested: str = "auto",
     *,
     grad: bool | None = None,
+    v_head_dim: int | None = None,
 ) -> str:
     """The backend that runs this call: `requested` if it honours every field of the plan and option of the
     call, else `ConfigError` naming what it cannot honour and which backends can. For "auto": the first
@@ -273,10 +284,11 @@ def select_backend(
         return_lse: whether the call returns the log-sum-exp.
         requested: one of `BACKENDS`.
         grad: whether the call must be differentiable (see `Call.of`).
+        v_head_dim: v's head dim; default: q's.
     Returns:
         "triton", "gather", "flex" or "reference".
     """
-    return choose_backend(Call.of(plan, q, attn_mask, return_lse, grad), requested)
+    return choose_backend(Call.of(plan, q, attn_mask, return_lse, grad, v_head_dim), requested)
 
 
 __all__ = [

@@ -8,12 +8,13 @@ from ..plan import HEAD_SKIP, AttentionPlan
 
 
 def permute(plan: AttentionPlan, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Put (B, H, S, D) tensors in the plan's token order (a no-op without one)."""
+    """Put (B, H, S, D) tensors in the plan's token order (a no-op without one). Their D may differ (v's head dim)."""
     if plan.order is None:
         return list(tensors)
-    b, h, s, d = tensors[0].shape
-    perm = plan.order.to(tensors[0].device).expand(b, h, s)[..., None].expand(b, h, s, d)
-    return [x.gather(2, perm) for x in tensors]
+    b, h, s, _ = tensors[0].shape
+    perm = plan.order.to(tensors[0].device).expand(b, h, s)[..., None]
+    # One index per tensor's own D: gather reads only index.shape columns, so q's D on a wider v would drop columns.
+    return [x.gather(2, perm.expand(b, h, s, x.shape[-1])) for x in tensors]
 
 
 def finish(plan: AttentionPlan, out: torch.Tensor, lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
