@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from sparse_dit.cli import main
+from sparse_dit.cli import main, run  # run raises what main reports as one line
 from sparse_dit.evals.report import PLOT_COLOUR, TABLE_HEAD_COLOUR
 
 ARGS = ["eval", "--methods", "dense,window,random", "--config", "window.window=[1,3,3]", "--config", "window.block_size=16",
@@ -100,5 +100,5 @@ def test_bad_settings_fail_before_anything_is_generated(tmp_path, extra, match):
     empty.write_text("\n")
     extra = [str(empty) if x == "EMPTY" else x for x in extra]
     with pytest.raises(SparseDiTError, match=match):
-        main(["eval", "--steps", "2", "--num-frames", "4", "--height", "32", "--width", "32", "--out", str(tmp_path / "out"), *extra])
+        run(["eval", "--steps", "2", "--num-frames", "4", "--height", "32", "--width", "32", "--out", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out" / "results.json").exists()

@@ -7,6 +7,50 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import ConfigError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's example lines as written, and appends each option's default to its help.
+
+    Unlike `argparse.ArgumentDefaultsHelpFormatter` it leaves help that already says what the default is alone,
+    never prints "default: None" (an option defaulting to None must say in words what happens), writes lists
+    as they are typed (comma-separated) and says "required" for required options.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if action.required:
+            return f"{text} (required)".strip()
+        if action.default is None:
+            return text  # the help says in words what None means; tests/test_cli.py checks that it does
+        return f"{text} (default: {describe_default(action.default)})".strip()
+
+
+def describe_default(value: Any) -> str:
+    """A default as a user would type it: lists comma-separated, a store_true flag's False as "off"."""
+    if isinstance(value, (list, tuple)):
+        text = ",".join(map(str, value)) or "none"
+    elif isinstance(value, bool):
+        text = "on" if value else "off"
+    else:
+        text = str(value)
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared formatter and an epilog showing `example`, a realistic invocation."""
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
+
 
 def given(**options: Any) -> dict[str, Any]:
     """The options set on the command line (not None); the callee's own defaults apply to the rest."""
@@ -14,8 +58,15 @@ def given(**options: Any) -> dict[str, Any]:
 
 
 def csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
-    """An argparse type: comma-separated values of `kind`."""
-    return lambda text: [kind(x) for x in text.split(",") if x]
+    """An argparse type: comma-separated values of `kind`; a bad value reads as a usage error naming it."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+
+    return parse
 
 
 def add_pipeline(parser: argparse.ArgumentParser) -> None:
@@ -34,10 +85,12 @@ def add_video(parser: argparse.ArgumentParser, *, steps: int, frames: int | None
               width: int | None = None) -> None:
     """--steps, --num-frames, --height, --width and --guidance-scale of the pipeline call."""
     parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
-    for flag, default in (("--num-frames", frames), ("--height", height), ("--width", width)):
-        parser.add_argument(flag, type=int, default=default,
-                            help=f"default: {default if default is not None else 'the pipeline' + chr(39) + 's own'}")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    for flag, what, default in (("--num-frames", "frames per clip", frames), ("--height", "clip height in pixels", height),
+                                ("--width", "clip width in pixels", width)):
+        said = default if default is not None else "the pipeline's own"
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default: {said})")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the pipeline's own)")
 
 
 def video_call(args: argparse.Namespace, **call: Any) -> dict[str, Any]:
@@ -52,7 +105,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
     if not args.prompts:
         return list(DEFAULT_PROMPTS)
-    return [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise ConfigError(f"--prompts {args.prompts}: no such file; give a text file with one prompt per line")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def parse_configs(items: list[str]) -> dict[str, dict]:
@@ -61,11 +117,25 @@ def parse_configs(items: list[str]) -> dict[str, dict]:
     for item in items:
         target, sep, raw = item.partition("=")
         method, dot, key = target.partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"--config expects METHOD.KEY=VALUE, got {item!r}")
+        if not sep or not dot or not method or not key:
+            raise ConfigError(f"--config expects METHOD.KEY=VALUE (e.g. window.window=[3,5,5]), got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
-            value = raw
+            value = raw  # a bare word such as backend=gather
         configs.setdefault(method, {})[key] = tuple(value) if isinstance(value, list) else value
     return configs
+
+
+def parse_options(text: str | None, flag: str = "--options") -> dict[str, Any]:
+    """A JSON object of method options, e.g. '{"window": [3, 7, 7]}'; None gives {}."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}; "
+                          """expected an object such as '{"window": [3, 7, 7]}'""") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{flag} must be a JSON object of option names and values, got {text!r}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .args import csv
+from .args import add_command, csv
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
@@ -33,17 +33,22 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
-    kern = bench.add_parser("kernels", help="dense SDPA vs the sparse path on random block layouts, in one run")
+    bench = add_command(sub, "bench", help="benchmarks",
+                        example="sparse-dit bench kernels --seq 8192 --density 0.1,0.2 --json bench.json")
+    kinds = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    kern = add_command(kinds, "kernels", help="dense SDPA vs the sparse path on random block layouts, in one run",
+                       example="sparse-dit bench kernels --seq 8192,16384,32768 --density 0.1,0.2,0.3 --block 128 "
+                               "--json bench.json")
     kern.add_argument("--seq", type=csv(int), default=[8192, 16384, 32768], help="comma-separated sequence lengths")
-    kern.add_argument("--head-dim", type=csv(int), default=[64])
-    kern.add_argument("--density", type=csv(float), default=[0.1, 0.2, 0.3])
-    kern.add_argument("--block", type=csv(int), default=[128])
+    kern.add_argument("--head-dim", type=csv(int), default=[64], help="comma-separated head dims")
+    kern.add_argument("--density", type=csv(float), default=[0.1, 0.2, 0.3],
+                      help="comma-separated shares of key blocks each query block visits")
+    kern.add_argument("--block", type=csv(int), default=[128], help="comma-separated block sizes in tokens")
     kern.add_argument("--backend", type=csv(str), default=["auto"], help="auto, gather, flex, triton, reference (comma-separated)")
-    kern.add_argument("--heads", type=int, default=2)
-    kern.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    kern.add_argument("--reps", type=int, default=5)
-    kern.add_argument("--warmup", type=int, default=2)
+    kern.add_argument("--heads", type=int, default=2, help="attention heads")
+    kern.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="tensor dtype")
+    kern.add_argument("--reps", type=int, default=5, help="timed rounds per case (median)")
+    kern.add_argument("--warmup", type=int, default=2, help="untimed rounds per case first")
     kern.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    kern.add_argument("--json", default=None, help="write one record per case to this file")
+    kern.add_argument("--json", default=None, help="write one record per case to this file (default: print only)")
     kern.set_defaults(func=cmd_bench_kernels)

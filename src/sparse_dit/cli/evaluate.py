@@ -9,20 +9,22 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from ..pipelines import load_pipeline
-from .args import add_pipeline, add_prompts, add_video, csv, parse_configs, read_prompts, video_call
+from .args import add_command, add_pipeline, add_prompts, add_video, csv, parse_configs, read_prompts, video_call
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evals.report import markdown, write_reports
     from ..evals.runner import EvalSettings, Evaluation
 
-    pipe, description = load_pipeline(args.pipeline)
-    pipe.set_progress_bar_config(disable=True)
+    # The flags are read before the pipeline loads, so that a bad one fails at once.
     settings = EvalSettings(
         out=Path(args.out), methods=args.methods, configs=parse_configs(args.config), prompts=read_prompts(args),
         seeds=args.seeds, call_kwargs=video_call(args), reps=args.reps, warmup=args.warmup, controls=args.controls,
     )
+    pipe, description = load_pipeline(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
     records = Evaluation(pipe, settings).run()
     title = f"sparse-dit evaluation: {description}"
     md, page = write_reports(records, settings.out, title)
@@ -34,6 +36,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     from ..evals.locality_report import write_locality_report
 
+    if len(args.window) != 3 or min(args.window) < 1:
+        raise ConfigError(f"--window takes three positive token counts, frames,rows,columns (e.g. 3,5,5), "
+                          f"got {','.join(map(str, args.window))}")
     pipe, description = load_pipeline(args.pipeline)
     call = video_call(args, prompt=args.prompt, generator=torch.Generator().manual_seed(args.seed), output_type="pt")
     steps = args.sample_steps or [args.steps // 2]
@@ -49,9 +54,9 @@ def cmd_concentration(args: argparse.Namespace) -> int:
     from ..patterns import resolve_config
     from ..search import measure_concentration
 
+    prompts = read_prompts(args)
     pipe, description = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    prompts = read_prompts(args)
     call = video_call(args, output_type="pt")
     first = resolve_config("dense", dense_steps=args.dense_steps).dense_step_count(args.steps)
     calls = [{**call, "prompt": p, "generator": torch.Generator().manual_seed(s)} for p in prompts for s in range(args.seeds)]
@@ -70,14 +75,17 @@ def cmd_concentration(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="score methods against dense on the same prompts and seeds; writes a report")
+    ev = add_command(sub, "eval", help="score methods against dense on the same prompts and seeds; writes a report",
+                     example="sparse-dit eval --pipeline demo --methods dense,window --config window.window=[3,5,5] "
+                             "--seeds 2 --out outputs/eval")
     add_pipeline(ev)
     ev.add_argument("--methods", type=csv(str), default=["dense", "window", "random"],
                     help="comma-separated; dense is the baseline and every method is paired with the --controls")
     ev.add_argument("--controls", type=csv(str), default=["random", "oracle"],
                     help="yardsticks run at each method's measured density: random (what it must beat), oracle "
                          "(the blocks of highest exact mass; costs full attention); comma-separated, '' for none")
-    ev.add_argument("--config", action="append", default=[], help="METHOD.KEY=VALUE (JSON value), repeatable")
+    ev.add_argument("--config", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="a method option (JSON value), repeatable (default: each method's own options)")
     add_prompts(ev)
     add_video(ev, steps=10)
     ev.add_argument("--reps", type=int, default=1, help="timed repetitions per video (median)")
@@ -85,27 +93,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", required=True, help="output folder; rerunning skips finished items")
     ev.set_defaults(func=cmd_eval)
 
-    att = sub.add_parser("attention", help="how local a pipeline's attention is, against its untrained twin; draws maps")
+    att = add_command(sub, "attention", help="how local a pipeline's attention is, against its untrained twin; "
+                                             "draws maps",
+                      example="sparse-dit attention --pipeline demo --window 3,5,5 --out outputs/attention")
     add_pipeline(att)
-    att.add_argument("--prompt", default="a red circle moving right")
-    att.add_argument("--seed", type=int, default=0)
+    att.add_argument("--prompt", default="a red circle moving right", help="the prompt generated")
+    att.add_argument("--seed", type=int, default=0, help="the generator seed")
     add_video(att, steps=20)
     att.add_argument("--sample-steps", type=csv(int), default=None, help="steps to sample (default: the middle one)")
     att.add_argument("--window", type=csv(int), default=[3, 5, 5], help="frames,rows,columns in tokens")
     att.add_argument("--rows", type=int, default=64, help="query rows sampled per call")
     att.add_argument("--maps", type=int, default=4, help="heads to draw")
     att.add_argument("--no-untrained", action="store_true", help="skip the re-initialised twin")
-    att.add_argument("--out", default="outputs/attention")
+    att.add_argument("--out", default="outputs/attention", help="output folder")
     att.set_defaults(func=cmd_attention)
 
-    conc = sub.add_parser("concentration", help="mass held by each query block's top key blocks (exact), per layer and "
-                                                "head; draws block-mass maps")
+    conc = add_command(sub, "concentration", help="mass held by each query block's top key blocks (exact), per layer "
+                                                  "and head; draws block-mass maps",
+                       example="sparse-dit concentration --pipeline demo --seeds 2 --out outputs/concentration")
     add_pipeline(conc)
     add_prompts(conc)
     add_video(conc, steps=20)
     conc.add_argument("--dense-steps", type=float, default=0.2,
                       help="leading share of steps left out, as a sparse method's dense warm-up leaves them")
     conc.add_argument("--fraction", type=float, default=0.2, help="share of the key blocks counted")
-    conc.add_argument("--block-size", type=int, default=64)
-    conc.add_argument("--out", default="outputs/concentration")
+    conc.add_argument("--block-size", type=int, default=64, help="block size in tokens")
+    conc.add_argument("--out", default="outputs/concentration", help="output folder")
     conc.set_defaults(func=cmd_concentration)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .args import add_command
+
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from ..patterns import registered_methods
@@ -15,4 +17,5 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("methods", help="list the registered sparse attention methods and their options").set_defaults(func=cmd_methods)
+    add_command(sub, "methods", help="list the registered sparse attention methods and their options",
+                example="sparse-dit --import my_methods.py methods").set_defaults(func=cmd_methods)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli.args import add_video, given, video_call
+from ..cli.args import add_command, add_video, given, parse_options, video_call
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .clips import parse_caption
 
     parse_caption(args.prompt)  # unknown words fail here, listing the vocabulary, before anything loads
-    config = resolve_config(args.method, **(json.loads(args.options) if args.options else {}))
+    config = resolve_config(args.method, **parse_options(args.options))
     pipe = load_demo_pipeline()
     pipe.set_progress_bar_config(disable=True)
     out = Path(args.out)
@@ -102,42 +102,51 @@ def cmd_score_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="generate a clip dense and sparse from the same seed and compare them")
+    demo = add_command(sub, "demo", help="generate a clip dense and sparse from the same seed and compare them",
+                       example="""sparse-dit demo --method window --options '{"window": [3, 7, 7]}' """
+                               "--prompt 'a red circle moving left' --out outputs/demo")
     demo.add_argument("--method", default="window", help="sparse method (see `sparse-dit methods`)")
-    demo.add_argument("--options", default=None, help='method options as JSON, e.g. \'{"window": [3, 7, 7]}\'')
+    demo.add_argument("--options", default=None,
+                      help='method options as a JSON object, e.g. \'{"window": [3, 7, 7]}\' (default: the method\'s own)')
     demo.add_argument("--prompt", default="a yellow circle moving down", help="a caption in the demo vocabulary")
     demo.add_argument("--out", default="outputs/demo", help="output folder")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="the generator seed")
     add_video(demo, steps=20, frames=16, height=64, width=64)
     demo.set_defaults(func=cmd_demo)
 
-    score = sub.add_parser("score-demo", help="share of demo clips that move as captioned (pixel scorer)")
+    score = add_command(sub, "score-demo", help="share of demo clips that move as captioned (pixel scorer)",
+                        example="sparse-dit score-demo --seeds 20 --held-out-seeds 10 --json outputs/score.json")
     score.add_argument("--path", default=None, help="a trained pipeline folder (default: the shipped weights)")
     score.add_argument("--seeds", type=int, default=20, help="new seeds per caption (1000, 1001, ...)")
     score.add_argument("--held-out-seeds", type=int, default=20, help="seeds per held-out caption (0 skips them)")
-    score.add_argument("--steps", type=int, default=20)
-    score.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
-    score.add_argument("--num-frames", type=int, default=16)
-    score.add_argument("--size", type=int, default=64)
+    score.add_argument("--steps", type=int, default=20, help="denoising steps")
+    score.add_argument("--guidance-scale", type=float, default=None,
+                       help="classifier-free guidance scale (default: the pipeline's own)")
+    score.add_argument("--num-frames", type=int, default=16, help="frames per clip")
+    score.add_argument("--size", type=int, default=64, help="height and width in pixels")
     score.add_argument("--batch", type=int, default=10, help="clips generated per pipeline call")
-    score.add_argument("--json", default=None, help="write the rates to this file")
+    score.add_argument("--json", default=None, help="write the rates to this file (default: print only)")
     score.add_argument("--noise-figure", default=None,
-                       help="also write a PNG of the model's clean-clip predictions from noise levels 0.3-0.98")
+                       help="also write a PNG of the model's clean-clip predictions from noise levels 0.3-0.98 "
+                            "(default: none)")
     score.add_argument("--samples-figure", default=None,
-                       help="also write a PNG of one clip per caption (5 seen, 2 held out; seed 1000, frames 0, 5, 10, 15)")
+                       help="also write a PNG of one clip per caption (5 seen, 2 held out; seed 1000, frames 0, 5, 10, "
+                            "15) (default: none)")
     score.set_defaults(func=cmd_score_demo)
 
-    train = sub.add_parser("train-demo", help="train the demo model from scratch on procedural clips (CPU)")
+    train = add_command(sub, "train-demo", help="train the demo model from scratch on procedural clips (CPU)",
+                        example="sparse-dit train-demo --out outputs/demo-model --seed 0")
     train.add_argument("--out", required=True, help="folder to save the pipeline to (save_pretrained)")
     train.add_argument("--stages", default=None,
                        help="comma-separated FRAMESxSIZE:BATCH:STEPS stages, run in order (default: those of the "
                        "shipped weights, sparse_dit.demo.train.DEFAULT_STAGES)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights, data and noise")
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: that of the shipped weights)")
     train.add_argument("--qk-gain", type=float, default=None,
                        help="scale the self-attention QK-norm gains up to this (default: that of the shipped weights)")
     train.add_argument("--qk-gain-ramp", default=None, metavar="START:END",
-                       help="optimiser steps over which the gains rise linearly from 1 to --qk-gain")
+                       help="optimiser steps over which the gains rise linearly from 1 to --qk-gain (default: that "
+                            "of the shipped weights)")
     train.add_argument("--train-qk-gain", action=argparse.BooleanOptionalAction, default=None,
                        help="let the optimiser move the scaled gains too (by default they follow the ramp alone)")
     train.add_argument("--device", default="cpu", help="torch device to train on (the shipped weights were trained on cpu)")
