@@ -113,3 +113,10 @@ def test_a_folder_as_str_and_as_path_gets_the_same_error(tmp_path):
     for spec in (str(tmp_path), tmp_path):
         with pytest.raises(ConfigError, match="does not exist or is not a file"):
             sparse_dit.SparseAttention(spec)
+
+
+def test_the_demo_says_when_nothing_ran_sparse(tmp_path, capsys):
+    assert main(["demo", "--steps", "2", "--num-frames", "4", "--height", "32", "--width", "32",
+                 "--options", '{"min_seq_len": 100000}', "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing ran sparse" in out and "speed-up" in out and "x)" not in out

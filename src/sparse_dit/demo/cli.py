@@ -39,11 +39,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = {key: record[key] for key in keys} | {"dense_attention_s": dense_record["attention_s"],
                                                    "dense_total_s": dense_record["total_s"], "call": call}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"method {config.method}: density {record['density']:.3f} over the attention calls that ran a plan "
-          f"({record['density_all_steps']:.3f} over all, dense steps and layers included)")
-    print(f"attention time: dense {dense_record['attention_s']:.2f} s, sparse {record['attention_s']:.2f} s "
-          f"({record['attention_speedup']:.2f}x)")
-    print(f"end-to-end:     dense {dense_record['total_s']:.2f} s, sparse {record['total_s']:.2f} s ({record['speedup']:.2f}x)")
+    if record["sparse_calls"] == 0:
+        print(f"method {config.method}: nothing ran sparse; every attention call stayed dense (min_seq_len="
+              f"{config.min_seq_len} tokens, dense_steps={config.dense_steps}, dense_layers={config.dense_layers}), "
+              "so there is no density or speed-up to report")
+    else:
+        print(f"method {config.method}: density {record['density']:.3f} over the attention calls that ran a plan "
+              f"({record['density_all_steps']:.3f} over all, dense steps and layers included)")
+        print(f"attention time: dense {dense_record['attention_s']:.2f} s, sparse {record['attention_s']:.2f} s "
+              f"({record['attention_speedup']:.2f}x)")
+        print(f"end-to-end:     dense {dense_record['total_s']:.2f} s, sparse {record['total_s']:.2f} s "
+              f"({record['speedup']:.2f}x)")
     print(f"PSNR sparse vs dense: {record['psnr']:.2f} dB, SSIM {record['ssim']:.3f}")
     print(f"wrote {videos[0]}, {videos[1]} (dense | sparse | 4x difference), {out / 'summary.json'}")
     return 0

@@ -143,6 +143,13 @@ def supported_models() -> list[str]:
 
 def get_adapter(model: torch.nn.Module) -> ModelAdapter:
     """The adapter for `model`'s class (or a diffusers base class of it)."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        # The compiled graph was traced without the hooks; hooking its inner module would retrace through them.
+        raise UnsupportedModelError(
+            f"this {type(model._orig_mod).__name__} was wrapped by torch.compile before sparse attention was enabled. "
+            "Enable sparse attention on the uncompiled model first (`model._orig_mod`, or load it again), then "
+            "compile; regional compilation (`transformer.compile_repeated_blocks()`) keeps each block's graph"
+        )
     for cls in type(model).__mro__:
         for adapter in ADAPTERS:
             if cls.__name__ in adapter.class_names:

@@ -6,7 +6,7 @@ import torch
 
 from ..pipelines.adapters import ModelAdapter
 from . import compat
-from .interception import intercept
+from . import interception
 from .runtime import AttentionSite, SparseAttentionRuntime
 
 ROOT_HOOK = "sparse_dit_root"
@@ -47,13 +47,29 @@ class SparseRootHook(_api.ModelHook):
 
 
 class SparseAttentionHook(_api.ModelHook):
-    """Runs one self-attention module's forward with its attention routed to the runtime."""
+    """Routes one self-attention module's attention to the runtime while the hook is registered."""
 
     def __init__(self, runtime: SparseAttentionRuntime, site: AttentionSite) -> None:
         super().__init__()
         self.runtime = runtime
         self.site = site
+        self.handle: torch.Tensor | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.handle = interception.register_site(self.runtime, self.site, module)
+        self.dispatcher = interception.uses_dispatcher(self.handle)
+        return module
+
+    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # diffusers' spelling
+        interception.unregister_site(self.handle, module)
+        return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        with intercept(module, self.site, self.runtime):
-            return self.fn_ref.original_forward(*args, **kwargs)
+        interception._RUNNING.append(self.handle)
+        try:
+            if self.dispatcher:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            with interception.SdpaMode():
+                return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            interception._RUNNING.pop()

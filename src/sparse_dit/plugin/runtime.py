@@ -127,6 +127,9 @@ class SparseAttentionRuntime:
         """What the hooked attention computed in the current (or last) pipeline call."""
         return self.engine.stats
 
+    # Python bookkeeping on scalars (the step from the scheduler's timesteps): compiled, it would break the
+    # graph at every `.item()`; kept out of it, a whole-model compile breaks once, before the first block.
+    @torch.compiler.disable
     def begin_forward(self, grid: tuple[int, int, int], timestep: Any, context: Any) -> None:
         """Called by the root hook before every transformer forward."""
         step, num_steps, new_run = self.steps.observe(timestep, context)
