@@ -152,7 +152,7 @@ def test_every_field_changes_the_result(field):
     plan, mask, _, _ = case(field)
     q, k, v = inputs(False)
     with_field = kernels.run(q, k, v, plan, backend="reference", attn_mask=mask)
-    plain = dataclasses.replace(plan, q_bounds=None, k_bounds=None, order=None, head_mode=None, quant="none", cache={})
+    plain = dataclasses.replace(plan, q_bounds=None, k_bounds=None, order=None, head_mode=None, quant="none")
     without = kernels.run(q, k, v, plain, backend="reference")
     assert (with_field - without).abs().max() > 100 * ATOL
 
@@ -170,7 +170,7 @@ def test_int8_plan_on_cpu_refused_by_gather_and_quantised_by_auto():
     assert select_backend(plan, q) == "reference"
     out = kernels.run(q, k, v, plan)
     quantised = kernels.run(q, k, v, plan, backend="reference")
-    exact = kernels.run(q, k, v, dataclasses.replace(plan, quant="none", cache={}), backend="reference")
+    exact = kernels.run(q, k, v, dataclasses.replace(plan, quant="none"), backend="reference")
     torch.testing.assert_close(out, quantised, atol=0, rtol=0)
     assert (out - exact).abs().max() > 1e-3
     # The same plan unquantised still goes to the fast path.

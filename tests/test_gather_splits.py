@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
         order = torch.stack([torch.randperm(s) for _ in range(4)]).view(2, 2, s)
         modes = torch.tensor([[HEAD_DENSE, HEAD_SKIP], [HEAD_SPARSE, HEAD_DENSE]], dtype=torch.int8)
         # A fresh cache: dataclasses.replace would carry over the groups gather derived from the plain plan.
-        compare(f"splits-order-heads-{dtype}", q, k, v, dataclasses.replace(plan, order=order, head_mode=modes, cache={}))
+        compare(f"splits-order-heads-{dtype}", q, k, v, dataclasses.replace(plan, order=order, head_mode=modes))
     """
 )
 

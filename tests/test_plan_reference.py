@@ -159,3 +159,19 @@ def test_bad_plans_and_inputs_raise():
         AttentionPlan(seq_len=20, layout=empty, block_size=4).check_rows()
     with pytest.raises(ShapeError, match="self-attention"):
         kernels.run(q, k[:, :10], v[:, :10], AttentionPlan.full(20, 4))
+
+
+def test_a_replaced_plan_does_not_inherit_the_kernels_cache():
+    """dataclasses.replace once copied `cache`, so gather ran the old layout's block groups for the new plan."""
+    import dataclasses
+
+    from sparse_dit.plan import AttentionPlan
+
+    q = torch.randn(1, 128, 1, 16)
+    full = AttentionPlan.full(128, 32)
+    kernels.run(q, q, q, full, backend="gather")
+    assert full.cache
+    diagonal = dataclasses.replace(full, layout=torch.eye(4, dtype=torch.bool)[None, None])
+    assert diagonal.cache == {}
+    expected = kernels.run(q, q, q, diagonal, backend="reference")
+    torch.testing.assert_close(kernels.run(q, q, q, diagonal, backend="gather"), expected)

@@ -56,8 +56,9 @@ class AttentionPlan:
     order: torch.Tensor | None = None
     head_mode: torch.Tensor | None = None
     quant: Literal["none", "int8", "int4"] = "none"
-    # Backend-derived data (a FlexAttention BlockMask, a CSR index) built once per plan and device.
-    cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # Backend-derived data (a FlexAttention BlockMask, a CSR index) built once per plan and device. Not an init
+    # field, so `dataclasses.replace` gives the new plan an empty cache instead of the old plan's block groups.
+    cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.layout.dtype != torch.bool or self.layout.dim() != 4:
