@@ -12,7 +12,7 @@ import time
 
 import torch
 
-import sparse_dit
+import sparse_dit  # noqa: F401  (adds enable_sparse_attention to every diffusers pipeline)
 
 MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 PROMPT = "A cat walks on the grass, realistic style."

@@ -292,6 +292,7 @@ def _check_case(case: dict, check: Checker) -> None:
         auto_is_triton(q, k, v, plan, out)
     elif kind == "planner":
         from sparse_dit.patterns import PlanContext, build_planner, resolve_config
+        from sparse_dit.state import SiteState
 
         ctx = PlanContext(grid=tuple(case["grid"]), text_len=case["text_len"], text_position=case["position"], batch=b,
                           heads=h, device=dev)

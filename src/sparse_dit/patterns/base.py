@@ -23,7 +23,7 @@ import torch
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
 from ..pattern_file import PatternFile
-from ..plan import AttentionPlan, PlanContext, TextPosition  # noqa: F401  (re-exported for methods)
+from ..plan import AttentionPlan, PlanContext
 from ..state import SiteState
 
 class Planner:
