@@ -1,4 +1,4 @@
-"""The demo model's commands: `sparse-dit demo`, `score-demo` and `train-demo`."""
+"""The demo model's commands: `sparse-dit demo`, `score-demo`, `train-demo` and `distill`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..cli.args import add_command, add_video, given, parse_options, video_call
+from ..errors import ConfigError
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -65,6 +66,38 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
                          **given(lr=args.lr, qk_gain=args.qk_gain, qk_gain_ramp=ramp, train_qk_gain=args.train_qk_gain))
     print(f"trained {sum(s.steps for s in stages)} steps in {summary['seconds'] / 60:.1f} min, "
           f"final loss {summary['final_loss']:.4f}; saved to {args.out}")
+    return 0
+
+
+def parse_key_values(items: list[str]) -> dict:
+    """KEY=VALUE strings -> {key: value}; values are JSON where they parse (lists become tuples), else strings."""
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config expects KEY=VALUE (e.g. radius=8 or window=[3,5,5]), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare word such as backend=reference
+        options[key] = tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillSettings, distill
+
+    settings = DistillSettings(**given(steps=args.steps, batch=args.batch, num_frames=args.num_frames, height=args.height,
+                                       width=args.width, samples=args.samples, sample_steps=args.sample_steps,
+                                       validation=args.validation, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                                       seed=args.seed))
+    record = distill(Path(args.out), args.method, parse_key_values(args.config), teacher=args.teacher,
+                     settings=settings, device=args.device)
+    first, last = record["validation"][0]["loss"], record["validation"][-1]["loss"]
+    loss = "" if first is None else f"; validation MSE against the dense teacher {first:.3g} -> {last:.3g}"
+    print(f"distilled {settings.steps} steps onto {record['method']} (density {record['density']:.3f}) in "
+          f"{record['total_seconds'] / 60:.1f} min{loss}; saved to {args.out} (load with "
+          "sparse_dit.demo.distill.load_distilled)")
     return 0
 
 
@@ -162,3 +195,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--text-layers", type=int, default=None,
                        help="T5 encoder layers (default 0, as the shipped weights: each caption word stays unmixed)")
     train.set_defaults(func=cmd_train_demo)
+
+    distill = add_command(sub, "distill",
+                          help="fine-tune the demo model's self-attention so that it matches its dense self under a "
+                               "static sparse method (CLEAR's distillation)",
+                          example="sparse-dit distill --method clear --config radius=0.25 temporal_extent=0.125 "
+                                  "--out outputs/distill-clear")
+    distill.add_argument("--method", required=True,
+                         help="a registered static method: clear, window, gna, ... (see `sparse-dit methods`)")
+    distill.add_argument("--config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                         help="method options, values as JSON, e.g. radius=8 window=[3,5,5] (default: the method's own)")
+    distill.add_argument("--out", required=True,
+                         help="output folder: the pipeline (save_pretrained), distill.json, loss_curve.svg, checkpoints")
+    distill.add_argument("--teacher", default=None,
+                         help="the model to distil: concentrated, diffuse or a train-demo folder (default: the shipped "
+                              "demo weights)")
+    distill.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 400)")
+    distill.add_argument("--batch", type=int, default=None, help="examples per step (default: 1)")
+    distill.add_argument("--num-frames", type=int, default=None, help="frames of the teacher's clips (default: 16)")
+    distill.add_argument("--height", type=int, default=None, help="clip height in pixels (default: 64)")
+    distill.add_argument("--width", type=int, default=None, help="clip width in pixels (default: 64)")
+    distill.add_argument("--samples", type=int, default=None, help="clips the teacher generates to distil on (default: 8)")
+    distill.add_argument("--sample-steps", type=int, default=None,
+                         help="denoising steps of the teacher's clips (default: 20)")
+    distill.add_argument("--validation", type=int, default=None,
+                         help="held-out examples the loss is also measured on at each checkpoint (default: 4)")
+    distill.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 0.0002)")
+    distill.add_argument("--checkpoint-every", type=int, default=None,
+                         help="steps between checkpoint-<step> folders, 0 for none (default: 100)")
+    distill.add_argument("--seed", type=int, default=None, help="seed of captions, noise and noise levels (default: 0)")
+    distill.add_argument("--device", default="cpu", help="torch device")
+    distill.set_defaults(func=cmd_distill)

@@ -1,0 +1,296 @@
+"""Distilling the demo model onto a static sparse pattern: CLEAR's recipe (and STA's, Efficient-vDiT's), made general.
+
+A static pattern (`clear`, `window`, `gna`, any registered method whose plan depends on the token layout only)
+drops attention the trained model relies on. A short fine-tune teaches the model to do without it: the student is
+a copy of the model with the pattern enabled, the teacher the frozen dense model, and the loss the MSE between
+their transformer outputs (the predicted clean clip) on samples the teacher generated itself:
+
+1. the teacher generates `samples` clips from random captions of the demo vocabulary (its own distribution, as
+   CLEAR distils on 10K FLUX-generated images);
+2. each step draws one of them, a noise level t (as the demo was trained: uniform, shifted towards noise) and a
+   noise, and regresses the student's prediction at x_t = (1 - t) x0 + t noise onto the teacher's (10% of the
+   examples with the empty caption, so classifier-free guidance keeps working).
+
+What is trained: every weight of the self-attention modules the pattern replaces (q, k, v and output projections,
+the QK-norm gains), nothing else. Full weights rather than a LoRA: the demo's self-attention holds 66K weights per
+layer (265K in all, a fifth of its 1.3M-weight transformer), few enough to train in full on a CPU, so a low-rank
+adapter would save nothing worth its extra code and merge step; full weights save with plain `save_pretrained`
+into a folder any `from_pretrained` reads, and CLEAR too trains the full attention projections. The trainable set is found through the same adapter `enable_sparse_attention`
+uses (`attention_sites`), so it is the set the pattern applies to on any supported model.
+
+Gradients flow through the sparse attention itself: the student calls need a gradient, so backend "auto" routes
+them to a kernel that honours one (the reference on CPU), and every step checks that its attention ran sparse
+(the stats' density below 1) rather than silently dense.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..config import SparseAttentionConfig
+from ..errors import ConfigError, SparseDiTError
+from ..patterns import PlanContext, build_planner, resolve_config
+from ..plugin import attention_sites, enable_sparse_attention
+from ..plugin.api import runtime_of
+from .clips import sample_spec
+from .pipeline import PATCH, SHIFT, ShapesVideoPipeline
+from .train import CAPTION_DROPOUT, loss_curve_svg
+
+RECORD = "distill.json"
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How long and on what the student is trained.
+
+    Attributes:
+        steps: optimiser steps, `batch` examples each.
+        batch: examples per step.
+        num_frames, height, width: size of the teacher's clips in pixels (the demo patches 1 x 4 x 4, so the
+            default 16 x 64 x 64 is 4096 tokens); distil at the resolution the pattern will run at.
+        samples: clips the teacher generates to distil on.
+        sample_steps: denoising steps of the teacher's generations.
+        validation: fixed held-out examples (clip, noise, t) the loss is also measured on, before training,
+            at every checkpoint and at the end.
+        lr: AdamW learning rate (constant after a linear warm-up over the first 10% of the steps).
+        checkpoint_every: steps between checkpoints (`checkpoint-<step>` folders); 0 writes none.
+        seed: seed of the captions, noises and noise levels.
+    """
+
+    steps: int = 400
+    batch: int = 1
+    num_frames: int = 16
+    height: int = 64
+    width: int = 64
+    samples: int = 8
+    sample_steps: int = 20
+    validation: int = 4
+    lr: float = 2e-4
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.validation < 0 or self.checkpoint_every < 0 or not self.lr > 0:
+            raise ConfigError("validation and checkpoint_every must be >= 0 and lr > 0, got "
+                              f"{self.validation}, {self.checkpoint_every}, {self.lr}")
+
+
+@dataclass
+class Examples:
+    """Teacher-generated clean clips and their caption embeddings: clips (N, C, F, H, W), text and empty (N, L, d)."""
+
+    clips: torch.Tensor
+    text: torch.Tensor
+    empty: torch.Tensor
+
+
+def attention_parameters(pipe: Any) -> dict[str, torch.nn.Parameter]:
+    """name -> parameter of every self-attention module that `enable_sparse_attention` makes sparse in `pipe`."""
+    found = {}
+    for site, module in attention_sites(pipe):
+        for name, param in module.named_parameters():
+            found[f"{site.id}.{name}"] = param
+    return found
+
+
+def make_student(teacher: ShapesVideoPipeline) -> ShapesVideoPipeline:
+    """A pipeline sharing the teacher's tokenizer, text encoder and scheduler around a copy of its transformer,
+    with only the self-attention weights trainable. The teacher must not have sparse attention enabled."""
+    student = ShapesVideoPipeline(tokenizer=teacher.tokenizer, text_encoder=teacher.text_encoder,
+                                  transformer=copy.deepcopy(teacher.transformer), scheduler=copy.deepcopy(teacher.scheduler))
+    student.transformer.requires_grad_(False)
+    for param in attention_parameters(student).values():
+        param.requires_grad_(True)
+    student.set_progress_bar_config(disable=True)
+    return student
+
+
+def require_static(config: SparseAttentionConfig, settings: DistillSettings) -> None:
+    """Raise `ConfigError` unless `config`'s method plans from the token layout alone (its planner gives a cache
+    key): a dynamic method's pattern follows q and k, which the fine-tune itself moves."""
+    grid = (settings.num_frames, settings.height // PATCH[1], settings.width // PATCH[2])
+    if build_planner(config).cache_key(PlanContext(grid=grid, layer=0)) is None:
+        raise ConfigError(f"method {config.method!r} plans from q and k on every call; distill adapts a model to a "
+                          "static pattern (clear, window, gna, or a method whose planner has a cache_key)")
+
+
+def training_config(config: SparseAttentionConfig) -> SparseAttentionConfig:
+    """The config the student trains under: `config` with every call sparse (dense_steps=0), since training calls
+    the transformer at random noise levels outside a denoising loop."""
+    return config.replace(dense_steps=0)
+
+
+@torch.no_grad()
+def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen: torch.Generator,
+                    chunk: int = 4) -> Examples:
+    """`settings.samples` clips the dense teacher generates from random captions, as (clean) latents."""
+    captions = [sample_spec(gen).caption for _ in range(settings.samples)]
+    clips = []
+    for start in tqdm(range(0, len(captions), chunk), desc="teacher samples", unit="batch"):
+        part = captions[start : start + chunk]
+        seeds = [torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen))) for _ in part]
+        clips.append(teacher(part, num_frames=settings.num_frames, height=settings.height, width=settings.width,
+                             num_inference_steps=settings.sample_steps, generator=seeds, output_type="latent").frames)
+    return Examples(torch.cat(clips), teacher.encode_prompt(captions), teacher.encode_prompt([""] * len(captions)))
+
+
+def draw(examples: Examples, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`count` training examples: noisy clips x_t (count, C, F, H, W), timesteps t * 1000 (count,) and caption
+    embeddings (count, L, d), an empty caption with probability CAPTION_DROPOUT."""
+    index = torch.randint(examples.clips.shape[0], (count,), generator=gen)
+    x0 = examples.clips[index]
+    noise = torch.randn(x0.shape, generator=gen)
+    u = torch.rand(count, generator=gen).clamp(1e-3, 1 - 1e-3)
+    t = SHIFT * u / (1 + (SHIFT - 1) * u)  # the demo's training noise levels (train._noise_levels)
+    sigma = t.view(-1, 1, 1, 1, 1)
+    xt = (1 - sigma) * x0 + sigma * noise.to(x0.device)
+    drop = (torch.rand(count, generator=gen) < CAPTION_DROPOUT).view(-1, 1, 1)
+    text = torch.where(drop.to(x0.device), examples.empty[index], examples.text[index])
+    return xt, (t * 1000).to(x0.device), text
+
+
+def sparse_density(student: ShapesVideoPipeline) -> float:
+    """Density of the student's attention calls since the last call of this function (then cleared); raises if
+    none of them ran sparse, which would train the dense model, not the pattern."""
+    stats = runtime_of(student).stats
+    density, sparse = stats.density(), sum(e.sparse_calls for e in stats.entries.values())
+    stats.clear()
+    if not sparse:
+        config = runtime_of(student).config
+        raise SparseDiTError(
+            f"no attention call of the student ran sparse (min_seq_len={config.min_seq_len}, dense_layers="
+            f"{config.dense_layers}); distilling would train the dense model. Lower min_seq_len or raise the clip size")
+    return float(density)
+
+
+@torch.no_grad()
+def validation_loss(student: ShapesVideoPipeline, batches: list[tuple[torch.Tensor, ...]]) -> float | None:
+    """Mean MSE of the student's predictions against the teacher's on the fixed validation examples (None for
+    none). Its attention calls are left out of the training's density."""
+    student.transformer.eval()
+    losses = [torch.nn.functional.mse_loss(student.predict_clean(xt, t, text), target).item()
+              for xt, t, text, target in batches]
+    runtime_of(student).stats.clear()
+    return sum(losses) / len(losses) if losses else None
+
+
+def distill(out: str | Path, method: str, options: dict[str, Any] | None = None, teacher: str | Path | None = None,
+            settings: DistillSettings = DistillSettings(), device: str = "cpu") -> dict:
+    """Fine-tune the demo model's self-attention onto `method`'s static pattern; save it to `out`.
+
+    Args:
+        out: output folder: the student pipeline (`save_pretrained`), `distill.json` (the method, its config, the
+            settings and the losses), `loss_curve.svg`, and `checkpoint-<step>` pipelines.
+        method: a registered method name; options: its config options (validated as `enable_sparse_attention`
+            does).
+        teacher: the model to distil, as `load_demo_pipeline` takes it (default: the shipped demo weights).
+    Returns:
+        The record written to `distill.json`.
+
+    Load the result with `load_distilled(out)`, or `load_demo_pipeline(out)` then `enable_sparse_attention(method,
+    **record["config"])`.
+    """
+    from . import load_demo_pipeline
+
+    out, begin = Path(out), time.perf_counter()
+    config = resolve_config(method, **(options or {}))
+    require_static(config, settings)
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    dense = load_demo_pipeline(teacher).to(device)
+    dense.set_progress_bar_config(disable=True)
+    dense.transformer.requires_grad_(False)
+    student = make_student(dense)
+    enable_sparse_attention(student, training_config(config))
+    examples = teacher_samples(dense, settings, gen)
+    val = [_with_target(dense, *draw(examples, 1, gen)) for _ in range(settings.validation)]
+    record: dict[str, Any] = {"method": config.method, "config": _options(config), "settings": asdict(settings),
+                              "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student)),
+                              "validation": [{"step": 0, "loss": validation_loss(student, val)}]}
+    trained = [p for p in attention_parameters(student).values() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
+    warmup = max(1, settings.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min(1.0, (i + 1) / warmup))
+    log, start = [], time.perf_counter()
+    stage = f"{settings.num_frames}x{settings.height}x{settings.width}"
+    bar = tqdm(range(1, settings.steps + 1), desc=f"distill {config.method}", unit="step")
+    for step in bar:
+        student.transformer.train()
+        loss = _train_step(student, dense, draw(examples, settings.batch, gen), trained, optimiser)
+        schedule.step()
+        density = sparse_density(student)
+        log.append({"step": step, "loss": loss, "density": density, "stage": stage, "s": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{loss:.2e}", density=f"{density:.3f}")
+        if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < settings.steps:
+            record["validation"].append({"step": step, "loss": validation_loss(student, val)})
+            student.save_pretrained(out / f"checkpoint-{step}")
+    bar.close()
+    record["validation"].append({"step": settings.steps, "loss": validation_loss(student, val)})
+    record |= {"seconds": time.perf_counter() - start, "total_seconds": time.perf_counter() - begin,
+               "density": sum(r["density"] for r in log) / len(log), "log": log}
+    student.save_pretrained(out)
+    (out / RECORD).write_text(json.dumps(record, indent=1))
+    (out / "loss_curve.svg").write_text(loss_curve_svg(log))
+    return record
+
+
+def _train_step(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, batch: tuple[torch.Tensor, ...],
+                trained: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer) -> float:
+    """One optimiser step on (x_t, t, text) from `draw`: MSE of the sparse student's clean-clip prediction against
+    the dense teacher's. Returns the loss."""
+    xt, t, text, target = _with_target(teacher, *batch)
+    loss = torch.nn.functional.mse_loss(student.predict_clean(xt, t, text), target)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
+    optimiser.step()
+    return loss.item()
+
+
+def _with_target(teacher: ShapesVideoPipeline, xt: torch.Tensor, t: torch.Tensor,
+                 text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, text) with the dense teacher's prediction of the clean clip appended."""
+    with torch.no_grad():
+        return xt, t, text, teacher.predict_clean(xt, t, text)
+
+
+def _options(config: SparseAttentionConfig) -> dict[str, Any]:
+    """The config's options as JSON, without the method name."""
+    options = config.to_dict()
+    options.pop("method")
+    return options
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples configs take."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_distilled(path: str | Path, **overrides: Any) -> ShapesVideoPipeline:
+    """The pipeline `distill` saved at `path`, with its method enabled under the recorded config (`overrides`
+    on top, e.g. `dense_steps=0`)."""
+    from . import load_demo_pipeline
+
+    record_path = Path(path) / RECORD
+    if not record_path.is_file():
+        raise SparseDiTError(f"{path} has no {RECORD}: it is not a folder `sparse-dit distill --out` wrote")
+    record = json.loads(record_path.read_text())
+    pipe = load_demo_pipeline(path)
+    options = {k: _tuples(v) for k, v in record["config"].items()}
+    enable_sparse_attention(pipe, record["method"], **{**options, **overrides})
+    return pipe
+
+
+__all__ = ["DistillSettings", "Examples", "attention_parameters", "distill", "load_distilled", "make_student",
+           "require_static", "teacher_samples", "training_config"]

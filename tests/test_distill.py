@@ -1,0 +1,111 @@
+"""`sparse-dit distill`: fine-tuning the demo model's self-attention onto a static pattern, on a tiny setting."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+
+import sparse_dit.patterns.clear  # noqa: F401  (registers the method)
+from sparse_dit import ConfigError, SparseDiTError, UnknownMethodError
+from sparse_dit.cli import build_parser, main
+from sparse_dit.demo import load_demo_pipeline
+from sparse_dit.demo.distill import DistillSettings, distill, load_distilled
+
+# 4 frames of 32 x 32 pixels: a 4 x 8 x 8 grid of 256 tokens, in 16-token blocks so the pattern is sparse.
+TINY = ["--num-frames", "4", "--height", "32", "--width", "32", "--samples", "2", "--sample-steps", "3",
+        "--validation", "4", "--steps", "24", "--checkpoint-every", "12", "--lr", "5e-4"]
+SMALL_BLOCKS = ["min_seq_len=0", "block_size=16"]
+METHODS = {"clear": ["radius=2", "temporal_extent=0"], "window": ["window=[1,3,3]"]}
+
+
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def distilled(request, tmp_path_factory):
+    """(method, output folder, record) of one tiny distillation through the command line."""
+    method, out = request.param, tmp_path_factory.mktemp(f"distill-{request.param}")
+    code = main(["distill", "--method", method, "--config", *METHODS[method], *SMALL_BLOCKS, "--out", str(out), *TINY])
+    assert code == 0
+    return method, out, json.loads((out / "distill.json").read_text())
+
+
+def test_the_loss_against_the_dense_teacher_goes_down(distilled):
+    _, _, record = distilled
+    val = [v["loss"] for v in record["validation"]]
+    assert [v["step"] for v in record["validation"]] == [0, 12, 24]
+    assert val[-1] < 0.9 * val[0], val
+
+
+def test_training_ran_through_the_sparse_pattern(distilled):
+    method, _, record = distilled
+    assert len(record["log"]) == 24
+    assert all(0 < r["density"] < 0.6 for r in record["log"]), "a step trained dense attention"
+    assert record["method"] == method and record["config"]["min_seq_len"] == 0
+
+
+def test_only_the_self_attention_weights_moved(distilled):
+    _, out, record = distilled
+    before = load_demo_pipeline().transformer.state_dict()
+    after = load_demo_pipeline(out).transformer.state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(".attn1." in name for name in moved), sorted(moved)
+    assert {f"transformer.{name}" for name in moved} <= set(record["trained"])
+
+
+def test_the_output_folder_loads_back_and_runs_sparse(distilled):
+    method, out, record = distilled
+    assert {"distill.json", "loss_curve.svg", "model_index.json", "checkpoint-12"} <= {p.name for p in out.iterdir()}
+    assert (out / "loss_curve.svg").read_text().startswith("<svg")
+    assert not (out / "checkpoint-24").exists()  # the final weights are the folder itself
+    pipe = load_demo_pipeline(out)
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()}
+    pipe.enable_sparse_attention(method, **options)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a red circle moving left", num_frames=4, height=32, width=32, num_inference_steps=2).frames
+    assert frames.shape == (1, 4, 32, 32, 3) and torch.isfinite(torch.as_tensor(frames)).all()
+    assert pipe.sparse_attention_stats().density(sparse_only=True) < 1
+    again = load_distilled(out, dense_steps=0)
+    again.set_progress_bar_config(disable=True)
+    again("a red circle moving left", num_frames=4, height=32, width=32, num_inference_steps=1)
+    assert again.sparse_attention_stats().density() < 1
+
+
+def test_a_setting_where_nothing_runs_sparse_is_refused(tmp_path):
+    settings = DistillSettings(steps=1, num_frames=1, height=16, width=16, samples=1, sample_steps=1, validation=0)
+    with pytest.raises(SparseDiTError, match="ran sparse"):
+        distill(tmp_path, "window", {"window": 1}, settings=settings)  # min_seq_len 1024 > 16 tokens
+
+
+def test_runs_without_validation_or_checkpoints(tmp_path):
+    settings = DistillSettings(steps=2, num_frames=2, height=32, width=32, samples=1, sample_steps=1, validation=0,
+                               checkpoint_every=0)
+    record = distill(tmp_path, "clear", {"radius": 1, "min_seq_len": 0, "block_size": 16}, settings=settings)
+    assert [v["loss"] for v in record["validation"]] == [None, None] and len(record["log"]) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint")]
+
+
+@pytest.mark.parametrize("method, options, error", [
+    ("nope", {}, UnknownMethodError),
+    ("clear", {"radius": -1}, ConfigError),
+    ("clear", {"nope": 1}, ConfigError),
+])
+def test_bad_methods_and_options_fail_before_anything_loads(tmp_path, method, options, error):
+    with pytest.raises(error):
+        distill(tmp_path, method, options, settings=DistillSettings(steps=1))
+    assert not any(tmp_path.iterdir())
+
+
+def test_config_needs_key_value(tmp_path, capsys):
+    assert main(["distill", "--method", "clear", "--config", "radius", "--out", str(tmp_path)]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_help_states_the_settings_defaults():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["distill"]
+    text = " ".join(sub.format_help().split()).split("options:")[1]
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillSettings)}
+    for name, value in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        match = re.search(re.escape(flag) + r" [A-Z_]+ [^(]*\(default: ([^)]*)\)", text)
+        assert match and match.group(1) == str(value), (flag, value, match and match.group(1))
