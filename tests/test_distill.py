@@ -88,6 +88,7 @@ def test_runs_without_validation_or_checkpoints(tmp_path):
     ("nope", {}, UnknownMethodError),
     ("clear", {"radius": -1}, ConfigError),
     ("clear", {"nope": 1}, ConfigError),
+    ("oracle", {}, ConfigError),  # dynamic: plans from q and k
 ])
 def test_bad_methods_and_options_fail_before_anything_loads(tmp_path, method, options, error):
     with pytest.raises(error):

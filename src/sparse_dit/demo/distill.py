@@ -118,11 +118,17 @@ def make_student(teacher: ShapesVideoPipeline) -> ShapesVideoPipeline:
 
 def require_static(config: SparseAttentionConfig, settings: DistillSettings) -> None:
     """Raise `ConfigError` unless `config`'s method plans from the token layout alone (its planner gives a cache
-    key): a dynamic method's pattern follows q and k, which the fine-tune itself moves."""
+    key; a dynamic method's pattern follows q and k, which the fine-tune itself moves) and its options can be
+    recorded as JSON."""
     grid = (settings.num_frames, settings.height // PATCH[1], settings.width // PATCH[2])
     if build_planner(config).cache_key(PlanContext(grid=grid, layer=0)) is None:
         raise ConfigError(f"method {config.method!r} plans from q and k on every call; distill adapts a model to a "
                           "static pattern (clear, window, gna, or a method whose planner has a cache_key)")
+    try:  # distill.json must rebuild the config the weights were trained for
+        json.dumps(_options(config))
+    except (TypeError, ValueError):
+        raise ConfigError(f"the options of {config.method!r} must be JSON values (numbers, strings, lists) so that "
+                          f"distill.json can record them; got {_options(config)}") from None
 
 
 def training_config(config: SparseAttentionConfig) -> SparseAttentionConfig:
