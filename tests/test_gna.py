@@ -14,7 +14,7 @@ from sparse_dit import ConfigError, sparse_attention
 from sparse_dit.kernels.layout import finish, permute
 from sparse_dit.kernels.reference import token_mask
 from sparse_dit.patterns import PlanContext, build_planner
-from sparse_dit.patterns.gna import GnaConfig, gna_padding, gna_plan, gna_token_mask, neighbour_masks
+from sparse_dit.patterns.gna import GnaConfig, gna_padding, gna_plan, gna_token_mask, neighbour_masks, video_pairs
 from sparse_dit.patterns.tiling import kron_layout, tile_positions, token_block_layout
 from sparse_dit.state import SiteState
 
@@ -137,6 +137,9 @@ def test_plan_covers_exactly_the_neighbourhood_blocks(case, order):
     expected = blockify(exact[perm][:, perm], block) | torch.eye(plan.num_blocks[0], dtype=torch.bool)
     assert torch.equal(plan.layout[0, 0], expected)
     plan.check_rows()
+    if order == "tiled":  # the tiled order is chosen among tile shapes and raster: never more work than raster
+        raster = gna_plan(ctx, spec, block, "raster")
+        assert video_pairs(plan, ctx) <= video_pairs(raster, ctx)
 
 
 def test_kronecker_fast_path_equals_the_general_layout():

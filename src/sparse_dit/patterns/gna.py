@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..plan import AttentionPlan
 from ..state import SiteState
 from .base import PlanContext, Planner, register_method
-from .tiling import Grid, choose_tile, kron_layout, tile_positions, tiles_are_blocks, token_block_layout
+from .tiling import Grid, kron_layout, rank_tiles, tile_positions, tiles_are_blocks, token_block_layout
 
 AXES = ("F", "H", "W")
 Number = Union[int, float]
@@ -294,41 +294,81 @@ def gna_token_mask(ctx: PlanContext, spec: GnaResolved) -> torch.Tensor:
     return mask
 
 
-def gna_plan(ctx: PlanContext, spec: GnaResolved, block_size: int, order: str = "tiled",
-             tile: Grid | None = None) -> AttentionPlan:
-    """The plan of one layer's neighbourhood: layout bool (1, 1, nb, nb), and in tiled order a long (1, 1, S) order.
+# Tile shapes tried on grids that no tile divides (blocks then straddle tiles, and only the exact layout tells
+# which order computes least).
+UNEVEN_CANDIDATES = 3
 
-    Blocks are computed whole: a block pair is kept iff some query of the one has a neighbour in the other.
-    Blocks holding a text token are dense rows and columns; each block keeps its diagonal.
-    """
+
+def _video_layout(ctx: PlanContext, masks: list[torch.Tensor], block_size: int,
+                  tile: Grid | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Video x video block layout bool (nb, nb) in tile order (or raster order for tile None), the order
+    long (S,) or None, and the positions of the text tokens in that order, long (T,)."""
     grid, dev = ctx.grid, ctx.device
     n, s = ctx.num_video_tokens, ctx.seq_len
     nb = -(-s // block_size)
-    masks = neighbour_masks(grid, spec, dev)
     video = torch.arange(n, device=dev) + ctx.video_start  # original index of each video token (raster order)
-    perm = None
-    if order == "tiled":
-        tile = tile or choose_tile(grid, masks, block_size)
-        position = tile_positions(grid, tile, dev)
-        perm = torch.empty(s, dtype=torch.long, device=dev)
-        perm[position] = video
-        perm[n:] = torch.nonzero(ctx.text_token_mask(), as_tuple=True)[0]  # text after the video, in its order
-        text_positions = torch.arange(n, s, device=dev)
-        if tiles_are_blocks(grid, tile, block_size):  # every video block one tile: a Kronecker product
-            layout = torch.zeros(nb, nb, dtype=torch.bool, device=dev)
-            layout[: n // block_size, : n // block_size] = kron_layout(masks, tile)
-        else:
-            layout = token_block_layout(masks, position // block_size, nb)
-        if bool((perm == torch.arange(s, device=dev)).all()):
-            perm = None  # the tiled order is the raster order (e.g. 1-D): nothing to permute
+    if tile is None:
+        return token_block_layout(masks, video // block_size, nb), None, torch.nonzero(ctx.text_token_mask()).view(-1)
+    position = tile_positions(grid, tile, dev)
+    perm = torch.empty(s, dtype=torch.long, device=dev)
+    perm[position] = video
+    perm[n:] = torch.nonzero(ctx.text_token_mask()).view(-1)  # text after the video, in its own order
+    if tiles_are_blocks(grid, tile, block_size):  # every video block one tile: a Kronecker product
+        layout = torch.zeros(nb, nb, dtype=torch.bool, device=dev)
+        layout[: n // block_size, : n // block_size] = kron_layout(masks, tile)
     else:
-        layout = token_block_layout(masks, video // block_size, nb)
-        text_positions = torch.nonzero(ctx.text_token_mask(), as_tuple=True)[0]
-    text_blocks = torch.zeros(nb, dtype=torch.bool, device=dev)
+        layout = token_block_layout(masks, position // block_size, nb)
+    if bool((perm == torch.arange(s, device=dev)).all()):
+        perm = None  # the tiled order is the raster order (e.g. 1-D): nothing to permute
+    return layout, perm, torch.arange(n, s, device=dev)
+
+
+def _video_pairs(layout: torch.Tensor, text_positions: torch.Tensor, seq_len: int, block_size: int) -> int:
+    """Video token pairs a video x video block layout (nb, nb) computes."""
+    nb = layout.shape[0]
+    video = torch.ones(seq_len, dtype=torch.long, device=layout.device)
+    video[text_positions] = 0
+    per_block = torch.zeros(nb, dtype=torch.long, device=layout.device)
+    per_block.index_add_(0, torch.arange(seq_len, device=layout.device) // block_size, video)
+    return int(per_block @ layout.long() @ per_block)
+
+
+def gna_plan(ctx: PlanContext, spec: GnaResolved, block_size: int, order: str = "tiled",
+             tile: Grid | None = None) -> AttentionPlan:
+    """The plan of one layer's neighbourhood (see `gna_plan_and_tile`)."""
+    return gna_plan_and_tile(ctx, spec, block_size, order, tile)[0]
+
+
+def gna_plan_and_tile(ctx: PlanContext, spec: GnaResolved, block_size: int, order: str = "tiled",
+                      tile: Grid | None = None) -> tuple[AttentionPlan, Grid | None]:
+    """The plan of one layer's neighbourhood, and the tile shape it uses (None: raster order).
+
+    The plan's layout is bool (1, 1, nb, nb), and in tiled order its order a long (1, 1, S) permutation.
+
+    Blocks are computed whole: a block pair is kept iff some query of the one has a neighbour in the other.
+    Blocks holding a text token are dense rows and columns; each block keeps its diagonal. In tiled order
+    without a given tile, the best tile that divides the grid (or, on grids none divides, the few best tiles)
+    and the raster order are compared by the video work they compute, and the least wins: tiled order never
+    computes more than raster.
+    """
+    masks = neighbour_masks(ctx.grid, spec, ctx.device)
+    if order != "tiled":
+        candidates: list[Grid | None] = [None]
+    elif tile is not None:
+        candidates = [tile]
+    else:
+        ranked = rank_tiles(ctx.grid, masks, block_size)
+        even = tiles_are_blocks(ctx.grid, ranked[0], block_size)
+        candidates = [*(ranked[:1] if even else ranked[:UNEVEN_CANDIDATES]), None]
+    layouts = [(t, *_video_layout(ctx, masks, block_size, t)) for t in candidates]
+    tile, layout, perm, text_positions = min(layouts, key=lambda c: _video_pairs(c[1], c[3], ctx.seq_len, block_size))
+    nb = layout.shape[0]
+    text_blocks = torch.zeros(nb, dtype=torch.bool, device=ctx.device)
     text_blocks[text_positions // block_size] = True
-    layout = layout | text_blocks[:, None] | text_blocks[None, :] | torch.eye(nb, dtype=torch.bool, device=dev)
-    return AttentionPlan(seq_len=s, layout=layout[None, None], block_size=block_size,
+    layout = layout | text_blocks[:, None] | text_blocks[None, :] | torch.eye(nb, dtype=torch.bool, device=ctx.device)
+    plan = AttentionPlan(seq_len=ctx.seq_len, layout=layout[None, None], block_size=block_size,
                          order=None if perm is None else perm[None, None])
+    return plan, tile
 
 
 @register_method
@@ -350,16 +390,12 @@ class GnaPlanner(Planner):
         return (ctx.grid, ctx.text_len, ctx.text_position, self.resolved(ctx), ctx.device)
 
 
-def video_pair_counts(plan: AttentionPlan, ctx: PlanContext) -> int:
+def video_pairs(plan: AttentionPlan, ctx: PlanContext) -> int:
     """Video (query, key) token pairs inside the plan's computed blocks (text rows and columns left out)."""
-    is_video = ~ctx.text_token_mask()
-    if plan.order is not None:
-        is_video = is_video[plan.order.view(-1)]
-    nb = plan.num_blocks[0]
-    per_block = torch.zeros(nb, dtype=torch.long, device=is_video.device)
-    per_block.index_add_(0, torch.arange(ctx.seq_len, device=is_video.device) // plan.block_size, is_video.long())
-    layout = plan.layout[0, 0].long()
-    return int(per_block @ layout @ per_block)
+    text = torch.nonzero(ctx.text_token_mask()).view(-1)
+    if plan.order is not None:  # where the text tokens sit in the plan's order
+        text = torch.argsort(plan.order.view(-1))[text]
+    return _video_pairs(plan.layout[0, 0], text, ctx.seq_len, plan.block_size)
 
 
 def gna_padding(grid: Grid, config: GnaConfig | None = None, block_size: int | None = None, layer: int | None = None,
@@ -374,7 +410,8 @@ def gna_padding(grid: Grid, config: GnaConfig | None = None, block_size: int | N
     Returns:
         {"grid", "block_size", "kernel_size", "stride", "dilation", "is_causal" (resolved),
          "exact": fraction of the video x video map in the neighbourhood,
-         "tiled" / "raster": {"tile" (tiled only), "computed": fraction of the video x video map computed,
+         "tiled" / "raster": {"tile" (tiled only; None where raster order computes least),
+                              "computed": fraction of the video x video map computed,
                               "padding": share of the computed video work outside the neighbourhood,
                               "plan_density": the plan's density with text}}
     """
@@ -388,9 +425,8 @@ def gna_padding(grid: Grid, config: GnaConfig | None = None, block_size: int | N
     report: dict[str, Any] = {"grid": tuple(grid), "block_size": config.block_size, **dataclasses.asdict(spec),
                               "exact": exact / n**2}
     for order in ("tiled", "raster"):
-        tile = (config.tile or choose_tile(grid, neighbour_masks(grid, spec), config.block_size)) if order == "tiled" else None
-        plan = gna_plan(ctx, spec, config.block_size, order, tile)
-        computed = video_pair_counts(plan, ctx)
+        plan, tile = gna_plan_and_tile(ctx, spec, config.block_size, order, config.tile)
+        computed = video_pairs(plan, ctx)
         entry = {"computed": computed / n**2, "padding": 1.0 - exact / computed, "plan_density": plan.density}
-        report[order] = {"tile": tile, **entry} if tile else entry
+        report[order] = {"tile": tile, **entry} if order == "tiled" else entry
     return report

@@ -62,18 +62,25 @@ def axis_tile_cost(mask: torch.Tensor, tile: int) -> int:
     return int((kept.long() * sizes[:, None] * sizes[None, :]).sum())
 
 
-def choose_tile(grid: Grid, masks: list[torch.Tensor], block_size: int) -> Grid:
-    """The tile shape of `block_size` tokens that computes the least work for these per-axis neighbourhoods.
+def rank_tiles(grid: Grid, masks: list[torch.Tensor], block_size: int) -> list[Grid]:
+    """Tile shapes of `block_size` tokens, the one estimated to compute the least work for these per-axis
+    neighbourhoods first.
 
     Shapes that divide every axis come first: only then is each block exactly one tile, and the estimate (the
-    product of the per-axis costs) exact. Ties go to the longer W side, which keeps the gather contiguous.
+    product of the per-axis costs) exact; the others follow by the same estimate, which ignores that their
+    blocks straddle tiles. Ties go to the longer W side, which keeps the gather contiguous.
     """
     def score(tile: Grid) -> tuple:
-        uneven = sum(n % t != 0 for n, t in zip(grid, tile))
+        uneven = any(n % t != 0 for n, t in zip(grid, tile))
         cost = math.prod(axis_tile_cost(m, min(t, n)) for m, t, n in zip(masks, tile, grid))
         return uneven, cost, -tile[2], -tile[1]
 
-    return min(tile_shapes(block_size), key=score)
+    return sorted(tile_shapes(block_size), key=score)
+
+
+def choose_tile(grid: Grid, masks: list[torch.Tensor], block_size: int) -> Grid:
+    """The first of `rank_tiles`."""
+    return rank_tiles(grid, masks, block_size)[0]
 
 
 def tiles_are_blocks(grid: Grid, tile: Grid, block_size: int) -> bool:
