@@ -21,7 +21,7 @@ def hooked_modules(model):
 
 def test_unknown_method_lists_the_valid_ones_and_hooks_nothing():
     pipe, _ = make_pipeline("wan")
-    with pytest.raises(UnknownMethodError, match="valid methods: dense, random, oracle, window"):
+    with pytest.raises(UnknownMethodError, match="valid methods: dense, random, oracle, window, gna, clear"):
         pipe.enable_sparse_attention("svg3")
     assert hooked_modules(pipe.transformer) == []
 

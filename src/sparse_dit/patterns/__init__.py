@@ -9,17 +9,24 @@ from ..config import SparseAttentionConfig
 from ..errors import ConfigError, UnknownMethodError
 from ..pattern_file import PatternFile, is_pattern_path
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method, registered_methods
-from .dense import DenseConfig, DensePlanner
-from .oracle import OracleConfig, OraclePlanner
-from .random import RandomConfig, RandomPlanner
-from .window import WindowConfig, WindowPlanner
+# Registration order is listing order: the controls first, then the methods.
+from .dense import DenseConfig, DensePlanner  # isort: skip
+from .random import RandomConfig, RandomPlanner  # isort: skip
+from .oracle import OracleConfig, OraclePlanner  # isort: skip
+from .window import WindowConfig, WindowPlanner  # isort: skip
+from .gna import GnaConfig, GnaPlanner  # isort: skip
+from .clear import ClearConfig, ClearPlanner  # isort: skip
 
 DEFAULT_METHOD = "window"
 
 __all__ = [
     "DEFAULT_METHOD",
+    "ClearConfig",
+    "ClearPlanner",
     "DenseConfig",
     "DensePlanner",
+    "GnaConfig",
+    "GnaPlanner",
     "OracleConfig",
     "OraclePlanner",
     "PlanContext",
