@@ -102,3 +102,25 @@ def test_bad_settings_fail_before_anything_is_generated(tmp_path, extra, match):
     with pytest.raises(SparseDiTError, match=match):
         run(["eval", "--steps", "2", "--num-frames", "4", "--height", "32", "--width", "32", "--out", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_reference_scores_against_another_pipelines_dense_output_and_runs_the_controls_there(tmp_path):
+    """How a distilled model is scored: against the original's dense video, next to random on the original."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sparse_dit import load_demo_pipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--pipeline", "demo", "--reference", "demo:diffuse", "--methods", "window", "--controls", "random",
+                 "--config", "window.min_seq_len=0", "--config", "window.block_size=16", "--config", "window.dense_steps=1",
+                 "--num-frames", "4", "--height", "32", "--width", "32", "--steps", "2", "--seeds", "1", "--warmup", "0",
+                 "--prompts", str(prompts), "--out", str(out)]) == 0
+    original = load_demo_pipeline("diffuse")
+    expected = original(prompt="a red circle moving left", num_frames=4, height=32, width=32, num_inference_steps=2,
+                        generator=torch.Generator().manual_seed(0), output_type="pt").frames[0]
+    torch.testing.assert_close(load_file(out / "videos" / "dense_p0_s0.safetensors")["video"], expected.float())
+    records = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert records["window"]["on_reference"] is False and records["random"]["on_reference"] is True

@@ -25,8 +25,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     pipe, description = load_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
-    records = Evaluation(pipe, settings).run()
-    title = f"sparse-dit evaluation: {description}"
+    reference, against = (None, "") if args.reference is None else load_pipeline(args.reference)
+    if reference is not None:
+        reference.set_progress_bar_config(disable=True)
+    records = Evaluation(pipe, settings, reference=reference).run()
+    title = f"sparse-dit evaluation: {description}" + (f", scored against {against}'s dense output" if against else "")
     md, page = write_reports(records, settings.out, title)
     print(markdown(records, title))
     print(f"wrote {settings.out / 'results.json'}, {md}, {page}")
@@ -79,6 +82,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      example="sparse-dit eval --pipeline demo --methods dense,window --config window.window=[3,5,5] "
                              "--seeds 2 --out outputs/eval")
     add_pipeline(ev)
+    ev.add_argument("--reference", default=None,
+                    help="score every video against this pipeline's dense output and run the controls on it (e.g. "
+                         "the original of a model `sparse-dit distill` wrote); default: the evaluated pipeline itself")
     ev.add_argument("--methods", type=csv(str), default=["dense", "window", "random"],
                     help="comma-separated; dense is the baseline and every method is paired with the --controls")
     ev.add_argument("--controls", type=csv(str), default=["random", "oracle"],

@@ -96,16 +96,26 @@ def _frames(output: Any) -> torch.Tensor:
 
 
 class Evaluation:
-    """Runs the items of one evaluation and keeps `results.json` up to date after each."""
+    """Runs the items of one evaluation and keeps `results.json` up to date after each.
 
-    def __init__(self, pipe: Any, settings: EvalSettings) -> None:
+    Args:
+        pipe: the pipeline the methods run on.
+        settings: what to evaluate.
+        reference: the pipeline whose dense output every video is scored against, and on which the controls
+            run; default `pipe`. A distilled model is scored this way against the original it was distilled
+            from, next to `random` and `oracle` on the original at the same density.
+    """
+
+    def __init__(self, pipe: Any, settings: EvalSettings, reference: Any = None) -> None:
         self.pipe, self.settings = pipe, settings
+        self.reference = pipe if reference is None else reference
         self.out = Path(settings.out)
         (self.out / "videos").mkdir(parents=True, exist_ok=True)
         self.results_path = self.out / "results.json"
         self.records: list[dict] = json.loads(self.results_path.read_text()) if self.results_path.exists() else []
         self._warm: set[str] = set()
-        self._model = model_signature(pipe).components
+        self._model = {"evaluated": model_signature(pipe).components,
+                       "reference": None if reference is None else model_signature(reference).components}
         self.stale = 0  # finished items whose settings changed since they were written, evaluated again
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -139,38 +149,40 @@ class Evaluation:
         return self.out / "videos" / f"{name}_p{prompt_idx}_s{seed}"
 
     # -- generation --------------------------------------------------------------------------------
-    def _generate(self, prompt: str, seed: int) -> torch.Tensor:
+    def _generate(self, pipe: Any, prompt: str, seed: int) -> torch.Tensor:
         kwargs = {**self.settings.call_kwargs, "prompt": prompt, "generator": torch.Generator().manual_seed(seed)}
         kwargs.setdefault("output_type", "pt")
         with torch.inference_mode():
-            return _frames(self.pipe(**kwargs))
+            return _frames(pipe(**kwargs))
 
-    def _timed(self, key: str, prompt: str, seed: int) -> tuple[torch.Tensor, float, AttentionStats, float]:
+    def _timed(self, pipe: Any, key: str, prompt: str, seed: int) -> tuple[torch.Tensor, float, AttentionStats, float]:
         """Generate with the hooks in place: warm-up once per key, then the median of `reps` runs.
 
         Returns the video, the median end-to-end seconds, the last run's stats and the median attention seconds.
         """
-        runtime = runtime_of(self.pipe)
+        runtime = runtime_of(pipe)
         runtime.engine.synchronize = True
+        key = f"{'reference' if pipe is not self.pipe else 'evaluated'}:{key}"
         if key not in self._warm:
             for _ in range(self.settings.warmup):
-                self._generate(prompt, seed)
+                self._generate(pipe, prompt, seed)
             self._warm.add(key)
         times, attention = [], []
         for _ in range(self.settings.reps):
             start = time.perf_counter()
-            video = self._generate(prompt, seed)
+            video = self._generate(pipe, prompt, seed)
             times.append(time.perf_counter() - start)
-            attention.append(sparse_attention_stats(self.pipe).seconds)
-        return video, statistics.median(times), sparse_attention_stats(self.pipe), statistics.median(attention)
+            attention.append(sparse_attention_stats(pipe).seconds)
+        return video, statistics.median(times), sparse_attention_stats(pipe), statistics.median(attention)
 
-    def _run(self, name: str, spec, prompt: str, seed: int) -> tuple[torch.Tensor, dict]:
-        enable_sparse_attention(self.pipe, spec)
+    def _run(self, name: str, spec, prompt: str, seed: int, pipe: Any = None) -> tuple[torch.Tensor, dict]:
+        pipe = self.pipe if pipe is None else pipe
+        enable_sparse_attention(pipe, spec)
         try:
-            config = sparse_attention_config(self.pipe)
-            video, total_s, stats, attention_s = self._timed(name, prompt, seed)
+            config = sparse_attention_config(pipe)
+            video, total_s, stats, attention_s = self._timed(pipe, name, prompt, seed)
         finally:
-            disable_sparse_attention(self.pipe)
+            disable_sparse_attention(pipe)
         steps = sorted({s for s, _ in stats.entries if s is not None})
         layers = sorted({l for _, l in stats.entries})
         density_map = [[stats.entries[(s, l)].density if (s, l) in stats.entries else None for l in layers] for s in steps]
@@ -200,7 +212,7 @@ class Evaluation:
         if record is not None and path.exists():
             return load_file(path)["video"], record
         # Every step dense: the model's own attention, timed by the same hooks as the sparse runs.
-        video, record = self._run(BASELINE, config, prompt, seed)
+        video, record = self._run(BASELINE, config, prompt, seed, self.reference)
         record.pop("density_table")
         record.pop("config")
         record.update(method=BASELINE, paired_with=None, prompt=prompt, seed=seed, key=key, density=1.0, speedup=1.0,
@@ -210,10 +222,11 @@ class Evaluation:
         return video, self._add(record)
 
     def method(self, name: str, spec, prompt_idx: int, prompt: str, seed: int, dense_video: torch.Tensor,
-               dense_record: dict, paired_with: str | None = None) -> tuple[torch.Tensor, dict]:
-        """Generate with `spec` (a config or a pattern file), score it against the dense video and write the
-        side-by-side gif."""
-        video, record = self._run(name if paired_with is None else f"{name}~{paired_with}", spec, prompt, seed)
+               dense_record: dict, paired_with: str | None = None, pipe: Any = None) -> tuple[torch.Tensor, dict]:
+        """Generate with `spec` (a config or a pattern file) on `pipe` (default: the evaluated pipeline), score
+        it against the dense video and write the side-by-side gif."""
+        pipe = self.pipe if pipe is None else pipe
+        video, record = self._run(name if paired_with is None else f"{name}~{paired_with}", spec, prompt, seed, pipe)
         tag = name if paired_with is None else f"{name}-{paired_with}"
         base = self._video_path(tag, prompt_idx, seed)
         write_video(side_by_side(dense_video, video), base.with_suffix(".gif"))
@@ -223,6 +236,7 @@ class Evaluation:
             speedup=dense_record["total_s"] / record["total_s"] if ran_sparse else None,
             attention_speedup=dense_record["attention_s"] / max(record["attention_s"], 1e-12) if ran_sparse else None,
             video=str(base.with_suffix(".gif").relative_to(self.out)),
+            on_reference=pipe is not self.pipe,
             **metrics.reference_scores(video, dense_video), **metrics.vbench_scores(video),
         )
         return video, record
@@ -233,7 +247,8 @@ class Evaluation:
         options = {**{key: getattr(config, key) for key in PAIRED_POLICY},
                    **({"seed": seed} if control == "random" else {}), **self.settings.configs.get(control, {})}
         pattern = density_pattern(control, record["density_table"], options)
-        _, paired = self.method(control, pattern, prompt_idx, prompt, seed, dense_video, dense_record, paired_with=name)
+        _, paired = self.method(control, pattern, prompt_idx, prompt, seed, dense_video, dense_record, paired_with=name,
+                                pipe=self.reference)
         paired.pop("density_table")
         return paired
 
