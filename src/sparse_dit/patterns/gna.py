@@ -323,6 +323,14 @@ def _video_layout(ctx: PlanContext, masks: list[torch.Tensor], block_size: int,
     return layout, perm, torch.arange(n, s, device=dev)
 
 
+def _with_text_and_diagonal(layout: torch.Tensor, text_positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """layout (nb, nb) with every block holding a text token a dense row and column, and the diagonal kept."""
+    nb = layout.shape[0]
+    text_blocks = torch.zeros(nb, dtype=torch.bool, device=layout.device)
+    text_blocks[text_positions // block_size] = True
+    return layout | text_blocks[:, None] | text_blocks[None, :] | torch.eye(nb, dtype=torch.bool, device=layout.device)
+
+
 def _video_pairs(layout: torch.Tensor, text_positions: torch.Tensor, seq_len: int, block_size: int) -> int:
     """Video token pairs a video x video block layout (nb, nb) computes."""
     nb = layout.shape[0]
@@ -360,12 +368,11 @@ def gna_plan_and_tile(ctx: PlanContext, spec: GnaResolved, block_size: int, orde
         ranked = rank_tiles(ctx.grid, masks, block_size)
         even = tiles_are_blocks(ctx.grid, ranked[0], block_size)
         candidates = [*(ranked[:1] if even else ranked[:UNEVEN_CANDIDATES]), None]
-    layouts = [(t, *_video_layout(ctx, masks, block_size, t)) for t in candidates]
+    # Compared on the final layouts: the text rows and columns and the diagonal a block pair gets can add video
+    # work (a block shared by text and video tokens is computed whole), differently in each order.
+    layouts = [(t, _with_text_and_diagonal(layout, text_positions, block_size), perm, text_positions)
+               for t in candidates for layout, perm, text_positions in [_video_layout(ctx, masks, block_size, t)]]
     tile, layout, perm, text_positions = min(layouts, key=lambda c: _video_pairs(c[1], c[3], ctx.seq_len, block_size))
-    nb = layout.shape[0]
-    text_blocks = torch.zeros(nb, dtype=torch.bool, device=ctx.device)
-    text_blocks[text_positions // block_size] = True
-    layout = layout | text_blocks[:, None] | text_blocks[None, :] | torch.eye(nb, dtype=torch.bool, device=ctx.device)
     plan = AttentionPlan(seq_len=ctx.seq_len, layout=layout[None, None], block_size=block_size,
                          order=None if perm is None else perm[None, None])
     return plan, tile
