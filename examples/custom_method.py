@@ -49,7 +49,7 @@ class BandPlanner(Planner):
         return AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
 
     def cache_key(self, ctx: PlanContext):
-        return (ctx.grid, ctx.text_len, ctx.text_position, ctx.device)
+        return ctx.layout_key
 
 
 def main() -> None:

@@ -200,6 +200,11 @@ class PlanContext:
         return self.text_len if self.text_position == "prefix" else 0
 
     @property
+    def layout_key(self) -> tuple:
+        """(grid, text_len, text_position, device): what a plan that depends on the token layout alone keys on."""
+        return self.grid, self.text_len, self.text_position, self.device
+
+    @property
     def state_key(self) -> tuple[str | None, str | None]:
         """(site, branch): what per-site planner state is kept under."""
         return self.site, self.branch

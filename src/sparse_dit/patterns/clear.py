@@ -194,7 +194,7 @@ class ClearPlanner(Planner):
         return AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
 
     def cache_key(self, ctx: PlanContext) -> Hashable:
-        return (ctx.grid, ctx.text_len, ctx.text_position, ctx.device)
+        return ctx.layout_key
 
 
 __all__ = ["ClearConfig", "ClearPlanner", "block_video_boxes", "circle_block_layout", "clear_token_density", "raster_boxes"]

@@ -394,7 +394,7 @@ class GnaPlanner(Planner):
 
     def cache_key(self, ctx: PlanContext) -> Hashable:
         # Layers whose configs resolve to the same tokens on this grid share one plan.
-        return (ctx.grid, ctx.text_len, ctx.text_position, self.resolved(ctx), ctx.device)
+        return (*ctx.layout_key, self.resolved(ctx))
 
 
 def video_pairs(plan: AttentionPlan, ctx: PlanContext) -> int:

@@ -83,4 +83,4 @@ class RandomPlanner(Planner):
         return AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
 
     def cache_key(self, ctx: PlanContext) -> Hashable:
-        return (ctx.step, ctx.layer, ctx.site, ctx.heads, ctx.grid, ctx.text_len, ctx.text_position, ctx.device)
+        return (ctx.step, ctx.layer, ctx.site, ctx.heads, *ctx.layout_key)

@@ -51,4 +51,4 @@ class WindowPlanner(Planner):
         return AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
 
     def cache_key(self, ctx: PlanContext) -> Hashable:
-        return (ctx.grid, ctx.text_len, ctx.text_position, ctx.device)
+        return ctx.layout_key
