@@ -131,3 +131,10 @@ def test_files_that_no_method_reads_or_from_a_newer_format_are_refused(wan, tmp_
     save_file(load_file(str(path)), str(path), metadata={METADATA_KEY: json.dumps({**meta, "version": 99})})
     with pytest.raises(ConfigError, match="upgrade sparse-dit"):
         PatternFile.load(path)
+
+
+def test_a_method_name_is_a_method_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "window").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert sparse_dit.SparseAttention("window").config.method == "window"
+    assert sparse_dit.resolve_config("window").method == "window"

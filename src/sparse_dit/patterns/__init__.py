@@ -68,14 +68,14 @@ def resolve_config(spec: str | SparseAttentionConfig | os.PathLike | None = None
     if isinstance(spec, SparseAttentionConfig):
         _planner_class(spec.method)
         return spec.replace(**overrides) if overrides else spec
-    if isinstance(spec, PatternFile) or is_pattern_path(spec):
+    if isinstance(spec, PatternFile) or _names_a_file(spec):
         raise ConfigError(
             f"{spec!r} is a pattern file, which carries tensors a config cannot hold: pass it to "
             "enable_sparse_attention or SparseAttention, or use sparse_dit.patterns.resolve"
         )
     if not isinstance(spec, str):
         raise ConfigError(f"spec must be a method name, a config object or None, got {type(spec).__name__}")
-    if spec not in registered_methods() and ("/" in spec or os.sep in spec or spec.endswith(".json")):
+    if spec not in registered_methods() and spec.endswith(".json"):
         raise ConfigError(
             f"{spec!r} looks like a file, not a method name; pattern files are .safetensors files written by "
             f"PatternFile.save. Valid methods: {', '.join(list_methods())}"
@@ -90,11 +90,16 @@ def resolve_config(spec: str | SparseAttentionConfig | os.PathLike | None = None
         raise ConfigError(f"invalid options for method {spec!r}: {exc}") from exc
 
 
+def _names_a_file(spec: Any) -> bool:
+    """Whether `spec` names a pattern file; a registered method's name never does, whatever is on disk."""
+    return is_pattern_path(spec) and not (isinstance(spec, str) and spec in registered_methods())
+
+
 def resolve(spec: str | SparseAttentionConfig | PatternFile | os.PathLike | None = None,
             **overrides: Any) -> tuple[SparseAttentionConfig, PatternFile | None]:
     """Like `resolve_config`, and also accepts a pattern file (a path or a loaded `PatternFile`): its method
     and options give the config (`overrides` on top), and the file is returned for the planner."""
-    if is_pattern_path(spec):
+    if _names_a_file(spec):
         spec = PatternFile.load(spec)
     if isinstance(spec, PatternFile):
         config = resolve_config(spec.method, **{**spec.options, **overrides})
