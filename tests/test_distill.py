@@ -110,3 +110,16 @@ def test_help_states_the_settings_defaults():
         flag = "--" + name.replace("_", "-")
         match = re.search(re.escape(flag) + r" [A-Z_]+ [^(]*\(default: ([^)]*)\)", text)
         assert match and match.group(1) == str(value), (flag, value, match and match.group(1))
+
+
+def test_sparse_noise_levels_are_the_samplers_after_the_dense_warm_up():
+    from sparse_dit.demo.distill import sparse_noise_levels
+    from sparse_dit.patterns import resolve_config
+
+    pipe = load_demo_pipeline()
+    pipe.scheduler.set_timesteps(10)
+    every = pipe.scheduler.timesteps.float() / 1000
+    levels = sparse_noise_levels(pipe, resolve_config("window", dense_steps=0.2), 10)
+    assert torch.equal(levels, every[2:]) and levels.max() < every[0]
+    with pytest.raises(ConfigError, match="noise_levels"):
+        DistillSettings(noise_levels="late")

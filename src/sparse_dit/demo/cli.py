@@ -90,7 +90,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     settings = DistillSettings(**given(steps=args.steps, batch=args.batch, num_frames=args.num_frames, height=args.height,
                                        width=args.width, samples=args.samples, sample_steps=args.sample_steps,
                                        validation=args.validation, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                                       seed=args.seed))
+                                       seed=args.seed, noise_levels=args.noise_levels))
     record = distill(Path(args.out), args.method, parse_key_values(args.config), teacher=args.teacher,
                      settings=settings, device=args.device)
     first, last = record["validation"][0]["loss"], record["validation"][-1]["loss"]
@@ -220,9 +220,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          help="denoising steps of the teacher's clips (default: 20)")
     distill.add_argument("--validation", type=int, default=None,
                          help="held-out examples the loss is also measured on at each checkpoint (default: 4)")
-    distill.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 0.0002)")
+    distill.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate, warmed up over 10%% of the steps then cosine-decayed to 0 (default: 0.0002)")
     distill.add_argument("--checkpoint-every", type=int, default=None,
                          help="steps between checkpoint-<step> folders, 0 for none (default: 100)")
     distill.add_argument("--seed", type=int, default=None, help="seed of captions, noise and noise levels (default: 0)")
+    distill.add_argument("--noise-levels", choices=("sparse", "all"), default=None, metavar="LEVELS",
+                         help="noise levels to distil at: sparse, the sampler's at the steps the pattern runs after the "
+                              "dense warm-up of --sample-steps; or all, as the demo was trained (default: sparse)")
     distill.add_argument("--device", default="cpu", help="torch device")
     distill.set_defaults(func=cmd_distill)

@@ -7,9 +7,11 @@ their transformer outputs (the predicted clean clip) on samples the teacher gene
 
 1. the teacher generates `samples` clips from random captions of the demo vocabulary (its own distribution, as
    CLEAR distils on 10K FLUX-generated images);
-2. each step draws one of them, a noise level t (as the demo was trained: uniform, shifted towards noise) and a
-   noise, and regresses the student's prediction at x_t = (1 - t) x0 + t noise onto the teacher's (10% of the
-   examples with the empty caption, so classifier-free guidance keeps working).
+2. each step draws one of them, a noise level t and a noise, and regresses the student's prediction at
+   x_t = (1 - t) x0 + t noise onto the teacher's (10% of the examples with the empty caption, so classifier-free
+   guidance keeps working). By default t is one of the sampler's noise levels at the steps where the pattern runs
+   (`noise_levels="sparse"`: after the dense warm-up of a `sample_steps`-step run), so no capacity goes to noise
+   levels the dense warm-up covers; `"all"` draws them as the demo was trained (uniform, shifted towards noise).
 
 What is trained: every weight of the self-attention modules the pattern replaces (q, k, v and output projections,
 the QK-norm gains), nothing else. Full weights rather than a LoRA: the demo's self-attention holds 66K weights per
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +48,7 @@ from .pipeline import PATCH, SHIFT, ShapesVideoPipeline
 from .train import CAPTION_DROPOUT, loss_curve_svg
 
 RECORD = "distill.json"
+NOISE_LEVELS = ("sparse", "all")
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,10 @@ class DistillSettings:
         sample_steps: denoising steps of the teacher's generations.
         validation: fixed held-out examples (clip, noise, t) the loss is also measured on, before training,
             at every checkpoint and at the end.
-        lr: AdamW learning rate (constant after a linear warm-up over the first 10% of the steps).
+        lr: AdamW peak learning rate: a linear warm-up over the first 10% of the steps, then a cosine decay to
+            zero, so the last steps do not leave the weights where one noisy example pushed them.
+        noise_levels: "sparse" (the sampler's noise levels at the steps the pattern runs) or "all" (the demo's
+            training distribution).
         checkpoint_every: steps between checkpoints (`checkpoint-<step>` folders); 0 writes none.
         seed: seed of the captions, noises and noise levels.
     """
@@ -76,6 +83,7 @@ class DistillSettings:
     lr: float = 2e-4
     checkpoint_every: int = 100
     seed: int = 0
+    noise_levels: str = "sparse"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
@@ -84,6 +92,8 @@ class DistillSettings:
         if self.validation < 0 or self.checkpoint_every < 0 or not self.lr > 0:
             raise ConfigError("validation and checkpoint_every must be >= 0 and lr > 0, got "
                               f"{self.validation}, {self.checkpoint_every}, {self.lr}")
+        if self.noise_levels not in NOISE_LEVELS:
+            raise ConfigError(f"noise_levels={self.noise_levels!r} must be one of {', '.join(NOISE_LEVELS)}")
 
 
 @dataclass
@@ -151,14 +161,28 @@ def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen
     return Examples(torch.cat(clips), teacher.encode_prompt(captions), teacher.encode_prompt([""] * len(captions)))
 
 
-def draw(examples: Examples, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparse_noise_levels(teacher: ShapesVideoPipeline, config: SparseAttentionConfig, sample_steps: int) -> torch.Tensor:
+    """The sampler's noise levels t in (0, 1] at the steps of a `sample_steps`-step run where `config` runs sparse
+    (after its dense warm-up): float (n,)."""
+    scheduler = copy.deepcopy(teacher.scheduler)
+    scheduler.set_timesteps(sample_steps)
+    levels = scheduler.timesteps.float().cpu() / 1000
+    return levels[config.dense_step_count(sample_steps):]
+
+
+def draw(examples: Examples, count: int, gen: torch.Generator,
+         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`count` training examples: noisy clips x_t (count, C, F, H, W), timesteps t * 1000 (count,) and caption
-    embeddings (count, L, d), an empty caption with probability CAPTION_DROPOUT."""
+    embeddings (count, L, d), an empty caption with probability CAPTION_DROPOUT. `levels` (n,): the noise levels
+    to draw t from; None draws the demo's training distribution."""
     index = torch.randint(examples.clips.shape[0], (count,), generator=gen)
     x0 = examples.clips[index]
     noise = torch.randn(x0.shape, generator=gen)
-    u = torch.rand(count, generator=gen).clamp(1e-3, 1 - 1e-3)
-    t = SHIFT * u / (1 + (SHIFT - 1) * u)  # the demo's training noise levels (train._noise_levels)
+    if levels is None:
+        u = torch.rand(count, generator=gen).clamp(1e-3, 1 - 1e-3)
+        t = SHIFT * u / (1 + (SHIFT - 1) * u)  # the demo's training noise levels (train._noise_levels)
+    else:
+        t = levels[torch.randint(len(levels), (count,), generator=gen)]
     sigma = t.view(-1, 1, 1, 1, 1)
     xt = (1 - sigma) * x0 + sigma * noise.to(x0.device)
     drop = (torch.rand(count, generator=gen) < CAPTION_DROPOUT).view(-1, 1, 1)
@@ -220,20 +244,25 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     student = make_student(dense)
     enable_sparse_attention(student, training_config(config))
     examples = teacher_samples(dense, settings, gen)
-    val = [_with_target(dense, *draw(examples, 1, gen)) for _ in range(settings.validation)]
+    levels = sparse_noise_levels(dense, config, settings.sample_steps) if settings.noise_levels == "sparse" else None
+    if levels is not None and not len(levels):
+        raise ConfigError(f"dense_steps={config.dense_steps} leaves no sparse step in a {settings.sample_steps}-step run "
+                          "to distil on; lower dense_steps or use noise_levels='all'")
+    val = [_with_target(dense, *draw(examples, 1, gen, levels)) for _ in range(settings.validation)]
     record: dict[str, Any] = {"method": config.method, "config": _options(config), "settings": asdict(settings),
                               "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student)),
                               "validation": [{"step": 0, "loss": validation_loss(student, val)}]}
     trained = [p for p in attention_parameters(student).values() if p.requires_grad]
     optimiser = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
     warmup = max(1, settings.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min(1.0, (i + 1) / warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min((i + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * max(0, i + 1 - warmup) / max(1, settings.steps - warmup)))))
     log, start = [], time.perf_counter()
     stage = f"{settings.num_frames}x{settings.height}x{settings.width}"
     bar = tqdm(range(1, settings.steps + 1), desc=f"distill {config.method}", unit="step")
     for step in bar:
         student.transformer.train()
-        loss = _train_step(student, dense, draw(examples, settings.batch, gen), trained, optimiser)
+        loss = _train_step(student, dense, draw(examples, settings.batch, gen, levels), trained, optimiser)
         schedule.step()
         density = sparse_density(student)
         log.append({"step": step, "loss": loss, "density": density, "stage": stage, "s": time.perf_counter() - start})
@@ -299,4 +328,4 @@ def load_distilled(path: str | Path, **overrides: Any) -> ShapesVideoPipeline:
 
 
 __all__ = ["DistillSettings", "Examples", "attention_parameters", "distill", "load_distilled", "make_student",
-           "require_static", "teacher_samples", "training_config"]
+           "require_static", "sparse_noise_levels", "teacher_samples", "training_config"]
