@@ -42,6 +42,10 @@ class AttentionPlan:
         k_bounds: optional long (B', H', nk + 1), the same for key blocks.
         order: optional long (B', H', S), a permutation applied to queries, keys and values before the block
             layout is read; the output is returned in the original order.
+        k_order: optional long (B', H', S), the permutation of keys and values where it differs from the
+            queries' (SVG2 clusters queries and keys apart, so a query cluster and a key cluster are each one
+            contiguous block); `order` then permutes the queries alone (None: queries stay in place). Attention
+            is a sum over keys, so the keys' order changes nothing but which block each key falls in.
         head_mode: optional int8 (B', H'): HEAD_DENSE, HEAD_SPARSE or HEAD_SKIP; None means every head sparse.
         quant: Q·K arithmetic: "none", "int8" or "int4" (per-block scales); P·V stays in the input dtype.
         cache: what kernels derive from the plan (block masks, indices), kept with it so a cached plan
@@ -54,6 +58,7 @@ class AttentionPlan:
     q_bounds: torch.Tensor | None = None
     k_bounds: torch.Tensor | None = None
     order: torch.Tensor | None = None
+    k_order: torch.Tensor | None = None
     head_mode: torch.Tensor | None = None
     quant: Literal["none", "int8", "int4"] = "none"
     # Backend-derived data (a FlexAttention BlockMask, a CSR index) built once per plan and device. Not an init
@@ -76,8 +81,14 @@ class AttentionPlan:
                     )
             elif bounds.shape[-1] != n + 1:
                 raise ShapeError(f"{name} must have nblocks + 1 = {n + 1} entries, got {bounds.shape[-1]}")
-        if self.order is not None and self.order.shape[-1] != self.seq_len:
-            raise ShapeError(f"plan order must have S={self.seq_len} entries, got {self.order.shape[-1]}")
+        for name, order in (("order", self.order), ("k_order", self.k_order)):
+            if order is not None and order.shape[-1] != self.seq_len:
+                raise ShapeError(f"plan {name} must have S={self.seq_len} entries, got {order.shape[-1]}")
+
+    @property
+    def key_order(self) -> torch.Tensor | None:
+        """The permutation applied to keys and values: `k_order`, else `order`; long (B', H', S) or None."""
+        return self.k_order if self.k_order is not None else self.order
 
     @property
     def num_blocks(self) -> tuple[int, int]:
@@ -93,7 +104,9 @@ class AttentionPlan:
         return (torch.clamp(starts + self.block_size, max=self.seq_len) - starts).view(1, 1, -1)
 
     def token_block_index(self, axis: Literal["q", "k"]) -> torch.Tensor:
-        """Block index of every (permuted) token position along `axis`: long (B', H', S) or (1, 1, S)."""
+        """Block index of every (permuted) token position along `axis`: long (B', H', S) or (1, 1, S).
+
+        Positions are in the axis's own order: `order` for queries, `k_order` (or `order`) for keys."""
         bounds = self.q_bounds if axis == "q" else self.k_bounds
         positions = torch.arange(self.seq_len, device=self.layout.device)
         if bounds is None:

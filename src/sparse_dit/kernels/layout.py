@@ -1,4 +1,8 @@
-"""What every backend does around its kernel: the plan's token order, skipped heads."""
+"""What every backend does around its kernel: the plan's token orders, skipped heads.
+
+Every backend permutes through `permute(plan, q, k, v)` and restores through `finish`, so a plan field read
+here (`order`, `k_order`) is honoured by all of them alike.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,12 @@ def _order(plan: AttentionPlan, device: torch.device) -> torch.Tensor:
     return _cached(plan, "order", device, lambda: plan.order.to(device))
 
 
+def _key_order(plan: AttentionPlan, device: torch.device) -> torch.Tensor:
+    if plan.k_order is None:
+        return _order(plan, device)
+    return _cached(plan, "k_order", device, lambda: plan.k_order.to(device))
+
+
 def _inverse(plan: AttentionPlan, device: torch.device) -> torch.Tensor:
     return _cached(plan, "inverse_order", device, lambda: torch.argsort(_order(plan, device), dim=-1))
 
@@ -33,16 +43,20 @@ def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.expand(b, h, s)[..., None].expand(b, h, s, d))
 
 
-def permute(plan: AttentionPlan, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Put (B, H, S, D) tensors in the plan's token order (a no-op without one). Their D may differ (v's head dim)."""
-    if plan.order is None:
-        return list(tensors)
-    order = _order(plan, tensors[0].device)
-    return [_reorder(x, order) for x in tensors]
+def permute(plan: AttentionPlan, q: torch.Tensor, *kv: torch.Tensor) -> list[torch.Tensor]:
+    """Put (B, H, S, D) queries in the plan's query order and keys and values in its key order (`k_order`, else
+    `order`); a no-op without them. Their D may differ (v's head dim). Returns [q, *kv]."""
+    device = q.device
+    q = q if plan.order is None else _reorder(q, _order(plan, device))
+    if plan.key_order is None:
+        return [q, *kv]
+    key_order = _key_order(plan, device)
+    return [q, *(_reorder(x, key_order) for x in kv)]
 
 
 def finish(plan: AttentionPlan, out: torch.Tensor, lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Zero skipped heads and restore the original token order. out: (B, H, S, D), lse: (B, H, S) or None."""
+    """Zero skipped heads and restore the original token order (the output's rows are queries: `order`).
+    out: (B, H, S, D), lse: (B, H, S) or None."""
     b, h, s, d = out.shape
     if plan.head_mode is not None:
         skip = (plan.head_mode.to(out.device) == HEAD_SKIP).expand(b, h)

@@ -11,7 +11,8 @@ from .quant import fake_quant
 
 
 def token_mask(plan: AttentionPlan, batch: int, heads: int) -> torch.Tensor:
-    """The plan's block layout expanded to tokens, in the plan's (permuted) order: bool (B, H, S, S)."""
+    """The plan's block layout expanded to tokens, in the plan's (permuted) orders: bool (B, H, S, S), rows in
+    the query order, columns in the key order."""
     s = plan.seq_len
     nq, nk = plan.num_blocks
     layout = plan.layout.expand(batch, heads, nq, nk)
@@ -50,9 +51,13 @@ def reference_attention(
     qh, kh, vh = permute(plan, qh, kh, vh)
     if attn_mask is not None:
         user_mask = attn_mask.expand(b, h, s, s)
-        if plan.order is not None:  # the model's mask is in the original order
-            perm = plan.order.to(q.device).expand(b, h, s)
-            user_mask = user_mask.gather(2, perm[..., None].expand(b, h, s, s)).gather(3, perm[:, :, None, :].expand(b, h, s, s))
+        # The model's mask is in the original order: rows follow the queries' order, columns the keys'.
+        if plan.order is not None:
+            rows = plan.order.to(q.device).expand(b, h, s)
+            user_mask = user_mask.gather(2, rows[..., None].expand(b, h, s, s))
+        if plan.key_order is not None:
+            cols = plan.key_order.to(q.device).expand(b, h, s)
+            user_mask = user_mask.gather(3, cols[:, :, None, :].expand(b, h, s, s))
         mask = mask & user_mask if user_mask.dtype == torch.bool else user_mask.masked_fill(~mask, float("-inf"))
 
     if plan.quant == "none" and not return_lse:

@@ -16,6 +16,7 @@ from .oracle import OracleConfig, OraclePlanner  # isort: skip
 from .window import WindowConfig, WindowPlanner  # isort: skip
 from .gna import GnaConfig, GnaPlanner  # isort: skip
 from .clear import ClearConfig, ClearPlanner  # isort: skip
+from .svg2 import Svg2Config, Svg2Planner  # isort: skip
 
 DEFAULT_METHOD = "window"
 
@@ -33,6 +34,8 @@ __all__ = [
     "Planner",
     "RandomConfig",
     "RandomPlanner",
+    "Svg2Config",
+    "Svg2Planner",
     "WindowConfig",
     "WindowPlanner",
     "build_planner",
