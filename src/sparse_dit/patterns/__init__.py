@@ -16,12 +16,16 @@ from .oracle import OracleConfig, OraclePlanner  # isort: skip
 from .window import WindowConfig, WindowPlanner  # isort: skip
 from .gna import GnaConfig, GnaPlanner  # isort: skip
 from .clear import ClearConfig, ClearPlanner  # isort: skip
+from .adaspa import AdaSpaConfig, AdaSpaPlanner  # isort: skip
+from .xattention import XAttentionConfig, XAttentionPlanner  # isort: skip
 from .svg2 import Svg2Config, Svg2Planner  # isort: skip
 
 DEFAULT_METHOD = "window"
 
 __all__ = [
     "DEFAULT_METHOD",
+    "AdaSpaConfig",
+    "AdaSpaPlanner",
     "ClearConfig",
     "ClearPlanner",
     "DenseConfig",
@@ -38,6 +42,8 @@ __all__ = [
     "Svg2Planner",
     "WindowConfig",
     "WindowPlanner",
+    "XAttentionConfig",
+    "XAttentionPlanner",
     "build_planner",
     "keep_text_and_diagonal",
     "list_methods",

@@ -1,0 +1,182 @@
+"""`xattention`: XAttention (arXiv 2503.16428), key blocks scored by strided antidiagonal sums of Q·K.
+
+XAttention estimates each block's share of attention from the antidiagonals of its Q·K tile: cut the S x S score
+map into stride x stride tiles and sum, in each tile, the `stride` entries of its antidiagonal (row offset r,
+column offset stride - 1 - r). Every row and every column of a tile crosses its antidiagonal once, so the sum sees
+every query and every key, which is why it catches both vertical and slash patterns that a diagonal or a pooled
+estimate would miss. Vectorised, the antidiagonal sums are one small matmul (the paper's reshape trick):
+
+    A[a, c] = sum_j q[a * stride + (stride - 1 - j)] . k[c * stride + j]
+            = (q rows of group a, reversed, concatenated) . (k rows of group c, concatenated)
+
+a (S / stride) x (S / stride) product over stride * D features, S^2 D / stride multiply-adds: 1 / (2 * stride) of
+dense attention's 2 S^2 D (1/16 at the paper's stride 8). As in the reference implementation the sums are scaled
+like attention logits averaged over the antidiagonal (scale / stride), softmax-normalised along each row of
+groups, and summed per (query block, key block): each query block's scores then sum to its number of groups,
+and are ranked as shares of that.
+
+Per query block, key blocks are kept in descending score until their cumulative share reaches `threshold`
+(0.9, the paper's video setting), or a fixed share of them (`density`), plus the text blocks and its diagonal
+(`keep_text_and_diagonal`). It plans at every sparse step by default (`replan_every=1`): the point of the cheap
+estimate is to follow q and k. Time spent planning accumulates in `SiteState.extra["selection_seconds"]`, next to
+`"selection_flops"` and `"dense_flops"` (the multiply-adds of scoring and of the dense attention it replaces).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SparseAttentionConfig
+from ..errors import ConfigError, ShapeError
+from ..plan import AttentionPlan
+from ..state import SiteState
+from .adaspa import (DEFAULT_THRESHOLD, add_selection_time, check_budget, check_scale, select_by_count, select_by_threshold,
+                     sync_clock)
+from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
+
+# Most elements of one chunk of antidiagonal scores in `antidiagonal_block_scores`: 32 M floats, 128 MB in fp32.
+SCORE_CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True)
+class XAttentionConfig(SparseAttentionConfig):
+    """Config of the `xattention` method.
+
+    Attributes:
+        threshold: each query block keeps the fewest key blocks, in descending antidiagonal score, whose cumulative
+            share of its scores reaches this value; 1.0 keeps every block. None with `density` None means 0.9
+            (the paper's video setting; 0.95 is its other one).
+        density: instead, each query block keeps max(1, round(density * n)) of its n key blocks, its diagonal block
+            among them. Pass either `threshold` or `density`, not both.
+        stride: antidiagonal stride in tokens (the paper's 8); `block_size` must be a multiple of it. 1 scores every
+            entry of Q·K (exact block sums of the softmax, at the cost of dense attention).
+        scale: the softmax scale of the model's attention, default D ** -0.5.
+    """
+
+    method: ClassVar[str] = "xattention"
+    threshold: float | None = None
+    density: float | None = None
+    stride: int = 8
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_budget("xattention", self.threshold, self.density)
+        check_scale("xattention", self.scale)
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+            raise ConfigError(f"xattention: stride={self.stride!r} must be an int >= 1 (the paper uses 8)")
+        if self.block_size % self.stride:
+            raise ConfigError(f"xattention: block_size={self.block_size} must be a multiple of stride={self.stride}, so "
+                              "every block holds whole antidiagonal groups; pick e.g. stride=8 with block_size=64")
+
+    @property
+    def effective_threshold(self) -> float | None:
+        """The cumulative threshold in use: `threshold`, 0.9 when neither it nor `density` is set, else None."""
+        if self.density is not None:
+            return None
+        return DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
+
+
+def _grouped(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
+    """(B, S, H, D) -> float32 (B, H, G, stride * D), G = ceil(S / stride): each group's rows concatenated
+    (in reverse order within the group when `reverse`); the sequence is zero-padded to whole groups."""
+    b, s, h, d = x.shape
+    g = -(-s // stride)
+    xh = F.pad(x.transpose(1, 2).float(), (0, 0, 0, g * stride - s)).view(b, h, g, stride, d)
+    if reverse:
+        xh = xh.flip(3)
+    return xh.reshape(b, h, g, stride * d)
+
+
+def antidiagonal_sums(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Tensor:
+    """Sum of the antidiagonal of every stride x stride tile of Q·K (unscaled).
+
+    A[b, h, a, c] = sum over j in [0, stride) of q[b, a * stride + stride - 1 - j, h] . k[b, c * stride + j, h],
+    positions past S counting as zero vectors.
+
+    Args:
+        q, k: (B, S, H, D); k may have fewer heads (grouped-query attention).
+        stride: tile size in tokens.
+    Returns:
+        float32 (B, H, G, G), G = ceil(S / stride).
+    """
+    h = q.shape[2]
+    if k.shape[2] != h:
+        k = k.repeat_interleave(h // k.shape[2], dim=2)
+    return _grouped(q, stride, reverse=True) @ _grouped(k, stride, reverse=False).transpose(-1, -2)
+
+
+def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int,
+                              scale: float | None = None) -> torch.Tensor:
+    """XAttention's score of every (query block, key block): the softmax of the scaled antidiagonal sums along each
+    row of groups, summed over the block pair.
+
+    score[b, h, i, j] = sum over query groups a in block i, key groups c in block j of
+    softmax_c(A[b, h, a, :] * scale / stride)[c], with A from `antidiagonal_sums`; each row of blocks sums to the
+    number of query groups in block i. Computed a chunk of query blocks at a time (the scores of one chunk
+    stay under SCORE_CHUNK_ELEMENTS floats).
+
+    Args:
+        q, k: (B, S, H, D); k may have fewer heads.
+        block_size: tokens per block, a multiple of `stride`; the last block may be short.
+        stride: antidiagonal tile size in tokens.
+        scale: softmax scale, default D ** -0.5.
+    Returns:
+        float32 (B, H, n, n), n = ceil(S / block_size).
+    """
+    if block_size % stride:
+        raise ShapeError(f"block_size={block_size} must be a multiple of stride={stride}")
+    b, s, h, d = q.shape
+    if k.shape[2] != h:
+        k = k.repeat_interleave(h // k.shape[2], dim=2)
+    scale = (d**-0.5 if scale is None else scale) / stride
+    n, per_block = -(-s // block_size), block_size // stride
+    g = -(-s // stride)
+    qg, kg = _grouped(q, stride, reverse=True), _grouped(k, stride, reverse=False).transpose(-1, -2)
+    out = torch.empty(b, h, n, n, dtype=torch.float32, device=q.device)
+    blocks = max(1, SCORE_CHUNK_ELEMENTS // max(1, b * h * g * per_block))  # query blocks per chunk
+    for first in range(0, n, blocks):
+        last = min(n, first + blocks)
+        rows = qg[:, :, first * per_block : last * per_block]  # the last chunk may hold fewer groups
+        probs = (rows @ kg).mul_(scale).softmax(dim=-1)  # (B, H, r, G)
+        # Zero padding to whole blocks on both axes adds nothing to the sums.
+        per_key = F.pad(probs, (0, n * per_block - g)).view(b, h, rows.shape[2], n, per_block).sum(-1)
+        per_key = F.pad(per_key, (0, 0, 0, (last - first) * per_block - rows.shape[2]))
+        out[:, :, first:last] = per_key.view(b, h, last - first, per_block, n).sum(3)
+    return out
+
+
+@register_method
+class XAttentionPlanner(Planner):
+    """Scores key blocks by strided antidiagonal sums of Q·K at every plan, keeps them to a cumulative threshold."""
+
+    name = "xattention"
+    config_cls = XAttentionConfig
+    description = "XAttention: key blocks scored by strided antidiagonal sums of Q·K, kept to a cumulative threshold"
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
+        config = self.config
+        start = sync_clock(q.device)
+        bs = config.block_size
+        scores = antidiagonal_block_scores(q, k, bs, config.stride, config.scale)
+        threshold = config.effective_threshold
+        if threshold is not None:
+            selected = select_by_threshold(scores, threshold)
+        else:
+            n = scores.shape[-1]
+            selected = select_by_count(scores, torch.tensor([[max(1, min(n, round(config.density * n)))]]))
+        layout = keep_text_and_diagonal(selected, ctx, bs)
+        plan = AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
+        add_selection_time(state, sync_clock(q.device) - start)
+        b, s, h, d = q.shape
+        g = -(-s // config.stride)
+        state.extra["selection_flops"] = state.extra.get("selection_flops", 0) + b * h * g * g * config.stride * d
+        state.extra["dense_flops"] = state.extra.get("dense_flops", 0) + 2 * b * h * s * s * d
+        return plan
+
+
+__all__ = ["XAttentionConfig", "XAttentionPlanner", "antidiagonal_block_scores", "antidiagonal_sums"]
