@@ -78,6 +78,15 @@ class SparseAttention:
         """The planner's state at the call's (site, branch), created on first use."""
         return self.states.get(ctx, self.planner.new_state)
 
+    def ready_plan(self, ctx: PlanContext) -> AttentionPlan | None:
+        """The plan `plan` would return without calling the planner (cached, or reused by the re-plan schedule),
+        or None when the call needs q and k to plan. Ring attention gathers every process's queries only then."""
+        key = self.planner.cache_key(ctx)
+        if key is not None:
+            return self.plans.get(key)
+        state = self.state(ctx)
+        return None if replan_due(state, ctx, self.config.replan_every, self.config.replan_steps) else state.plan
+
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext) -> AttentionPlan:
         """The method's plan for this call: cached, reused per the re-plan schedule, or made now. q, k: (B, S, H, D)."""
         key = self.planner.cache_key(ctx)
@@ -112,6 +121,7 @@ class SparseAttention:
         scale: float | None = None,
         attn_mask: torch.Tensor | None = None,
         dense: Callable[[], torch.Tensor] | None = None,
+        gather_heads: Callable[[AttentionPlan, list[float]], list[float]] | None = None,
     ) -> torch.Tensor:
         """Decide, plan, run and record one self-attention call.
 
@@ -122,6 +132,9 @@ class SparseAttention:
             attn_mask: optional model mask (bool, True = attend, or additive), broadcastable to (B, H, S, S).
             dense: computes the call unchanged when it stays dense (the model's own attention backend);
                 default `F.scaled_dot_product_attention`.
+            gather_heads: where the call holds some of the model's heads (`ctx.total_heads`, Ulysses context
+                parallelism), turns the plan's per-head densities of these heads into all of the model's, so
+                the stats hold every head; all processes call it together.
         Returns:
             (B, S, H, D) in q's dtype.
         """
@@ -131,13 +144,19 @@ class SparseAttention:
         start = self._now(q.device)
         if self.dense_reason(ctx) is not None:
             out = dense() if dense is not None else sdpa(q, k, v, scale=scale, attn_mask=attn_mask)
-            heads, sparse = [1.0] * ctx.heads, False
+            heads, sparse = [1.0] * ctx.all_heads, False
         else:
             plan = self.plan(q, k, ctx)
             out = kernels.run(q, k, v, plan, backend=self.config.backend, scale=scale, attn_mask=attn_mask)
             heads, sparse = plan.mean_head_densities(ctx.heads), True
-        self.stats.record(ctx.step, ctx.layer, heads, sparse, self._now(q.device) - start, ctx.grid, ctx.text_len, ctx.site)
+            if gather_heads is not None:
+                heads = gather_heads(plan, heads)
+        self.record(ctx, heads, sparse, self._now(q.device) - start)
         return out
+
+    def record(self, ctx: PlanContext, heads: list[float], sparse: bool, seconds: float) -> None:
+        """Add one call to `stats`: the computed fraction of each of the model's heads, whether it ran a plan."""
+        self.stats.record(ctx.step, ctx.layer, heads, sparse, seconds, ctx.grid, ctx.text_len, ctx.site)
 
     def __call__(
         self,

@@ -129,11 +129,12 @@ class PatternFile:
 
     def head_values(self, ctx: PlanContext, name: str) -> list[float] | None:
         """Per-head values of tensor `name` (n_buckets, H) at the call's site and step bucket, or None where
-        the file has no finite entry for it (NaN marks "no entry")."""
+        the file has no finite entry for it (NaN marks "no entry"). The file holds every head of the model; a
+        call that holds some of them (Ulysses context parallelism) gets its own, by global head index."""
         tensor, bucket = self.site_tensor(ctx.site, name), self.bucket(ctx.step)
-        if tensor is None or bucket is None or bucket >= tensor.shape[0] or tensor.shape[-1] != ctx.heads:
+        if tensor is None or bucket is None or bucket >= tensor.shape[0] or tensor.shape[-1] != ctx.all_heads:
             return None
-        values = tensor[bucket].tolist()
+        values = tensor[bucket, ctx.head_slice].tolist()
         return None if any(math.isnan(v) for v in values) else values
 
     def check_model(self, model: ModelSignature) -> None:

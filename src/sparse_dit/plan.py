@@ -173,6 +173,11 @@ class PlanContext:
         step, num_steps: denoising step index and count (None when unknown).
         timestep: the scheduler's timestep of the call (None when unknown).
         device: where the plan's tensors should live.
+        head_offset: global index of the call's first head. Under Ulysses context parallelism a process holds
+            `heads` of the model's `total_heads` heads, from this index on; whatever a method keys on a head
+            (a random draw, a pattern file's per-head values) uses the global index, so every process plans its
+            heads as one process planning all of them would.
+        total_heads: the model's heads across processes; None: `heads` (one process holds them all).
     """
 
     grid: tuple[int, int, int]
@@ -187,6 +192,8 @@ class PlanContext:
     num_steps: int | None = None
     timestep: float | None = None
     device: torch.device = torch.device("cpu")
+    head_offset: int = 0
+    total_heads: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.grid) != 3 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.grid):
@@ -195,6 +202,19 @@ class PlanContext:
             raise ShapeError(f"text_len must be >= 0, got {self.text_len}")
         if self.text_len > 0 and self.text_position not in ("prefix", "suffix"):
             raise ShapeError(f"text_len={self.text_len} needs text_position 'prefix' or 'suffix', got {self.text_position!r}")
+        if self.head_offset < 0 or self.head_offset + self.heads > self.all_heads:
+            raise ShapeError(f"heads {self.head_offset}..{self.head_offset + self.heads - 1} are not among the model's "
+                             f"{self.all_heads} heads (head_offset={self.head_offset}, heads={self.heads})")
+
+    @property
+    def all_heads(self) -> int:
+        """The model's heads across processes: `total_heads`, else `heads`."""
+        return self.heads if self.total_heads is None else self.total_heads
+
+    @property
+    def head_slice(self) -> slice:
+        """This call's heads among the model's `all_heads`."""
+        return slice(self.head_offset, self.head_offset + self.heads)
 
     @property
     def num_video_tokens(self) -> int:

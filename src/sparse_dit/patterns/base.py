@@ -40,6 +40,9 @@ class Planner:
     description: ClassVar[str] = ""
     # Per-site tensors this method reads from a pattern file ("{site}/{name}"); empty: it reads no files.
     pattern_tensors: ClassVar[tuple[str, ...]] = ()
+    # Whether `plan` needs every head of a call at once (one mask pooled over heads): under Ulysses context
+    # parallelism a process holds some of the heads, so such a method is refused there (ring keeps all heads).
+    needs_all_heads: ClassVar[bool] = False
 
     def __init__(self, config: SparseAttentionConfig, pattern: PatternFile | None = None) -> None:
         self.config = config

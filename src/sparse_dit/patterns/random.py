@@ -73,7 +73,9 @@ class RandomPlanner(Planner):
         # Arithmetic, not hash(): hash(None) differs between processes on Python 3.11.
         step, layer = -1 if ctx.step is None else ctx.step, -1 if ctx.layer is None else ctx.layer
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + (step + 1) * 10_007 + layer + 1)
-        scores = torch.rand(ctx.heads, n * n, generator=gen)
+        # Drawn for all of the model's heads and cut to this call's: under Ulysses context parallelism each process
+        # then keeps the blocks one process would have kept for the same heads.
+        scores = torch.rand(ctx.all_heads, n * n, generator=gen)[ctx.head_slice]
         scores[:, torch.arange(n) * (n + 1)] = 2.0  # the diagonal is always among the kept blocks
         # A count per head over the whole map, not per row: matches the paired density even when n is small.
         keep = torch.tensor([max(n, min(n * n, round(d * n * n))) for d in self.pattern_values(ctx, "density") or [self.config.density] * ctx.heads])
@@ -83,4 +85,4 @@ class RandomPlanner(Planner):
         return AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
 
     def cache_key(self, ctx: PlanContext) -> Hashable:
-        return (ctx.step, ctx.layer, ctx.site, ctx.heads, *ctx.layout_key)
+        return (ctx.step, ctx.layer, ctx.site, ctx.heads, ctx.head_offset, ctx.all_heads, *ctx.layout_key)

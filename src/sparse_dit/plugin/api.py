@@ -14,7 +14,7 @@ from ..pattern_file import ModelSignature, PatternFile, config_hash
 from ..patterns import resolve
 from ..pipelines.adapters import get_adapter, supported_models
 from ..stats import AttentionStats
-from . import compat
+from . import compat, parallel
 from .hooks import ATTENTION_HOOK, ROOT_HOOK, SparseAttentionHook, SparseRootHook
 from .runtime import AttentionSite, SparseAttentionRuntime
 
@@ -132,8 +132,13 @@ def enable_sparse_attention(
                 "on its own) that has sparse attention enabled; enabling here would silently change that one too. "
                 "Call disable_sparse_attention on it first"
             )
+    for model in models:  # already split over processes: refuse what cannot run there before hooking anything
+        if getattr(model, "_parallel_config", None) is not None:
+            parameter = next(model.parameters(), None)
+            parallel.check(config, model, model._parallel_config, None if parameter is None else parameter.device)
     disable_sparse_attention(target)
     runtime = SparseAttentionRuntime(config, pipeline=target if _is_pipeline(target) else None, pattern=pattern)
+    runtime.models = {name: weakref.ref(model) for name, model in named_transformers(target).items()}
     for model in models:
         _register(model, SparseRootHook(runtime, get_adapter(model)), ROOT_HOOK)
     for site, module in sites:

@@ -58,11 +58,12 @@ def load() -> SimpleNamespace:
     )
 
 
-def register_backend(name: str, fn: Callable) -> object:
+def register_backend(name: str, fn: Callable, *, supports_context_parallel: bool = False) -> object:
     """Add `fn` to the diffusers attention dispatcher under `name` and return its enum member.
 
     The enum is closed and the registry private, so the member is added in place; nothing becomes the
     process-wide default, and a module uses it only while its processor's `_attention_backend` points at it.
+    With `supports_context_parallel`, `enable_parallelism` accepts models whose processors use it.
     """
     api = load()
     enum, registry = api.backend_enum, api.backend_registry
@@ -76,4 +77,19 @@ def register_backend(name: str, fn: Callable) -> object:
     registry._backends[member] = fn
     registry._constraints[member] = []
     registry._supported_arg_names[member] = set(inspect.signature(fn).parameters)
+    if supports_context_parallel:
+        if not isinstance(getattr(registry, "_supports_context_parallel", None), set):
+            raise _fail("attention_dispatch._AttentionBackendRegistry._supports_context_parallel")
+        registry._supports_context_parallel.add(name)
     return member
+
+
+@functools.cache
+def context_parallel() -> SimpleNamespace:
+    """The diffusers internals sparse-dit's context-parallel path uses, or a `DiffusersCompatibilityError`."""
+    from diffusers.models import attention_dispatch
+
+    templated = getattr(attention_dispatch, "_templated_context_parallel_attention", None)
+    if templated is None or "forward_op" not in inspect.signature(templated).parameters:
+        raise _fail("attention_dispatch._templated_context_parallel_attention(..., forward_op, backward_op)")
+    return SimpleNamespace(templated_attention=templated)

@@ -6,6 +6,9 @@ Two routes, both active only inside a hooked self-attention module's forward:
 - a `TorchFunctionMode` around `F.scaled_dot_product_attention` for processors that call it directly
   (CogVideoX, Mochi, SD3).
 
+The dispatcher backend is registered as one that takes part in diffusers' context parallelism: a call that
+arrives with a parallel config (each process holding a shard of the tokens) goes to `plugin.parallel`.
+
 Either way the call reaches `sparse_dit::attend`, a `torch.library` custom op, so that `torch.compile` (regional,
 `transformer.compile_repeated_blocks()`, or whole-model) sees one opaque op where planning, the kernels and the
 stats run, instead of breaking its graph on them. The op finds its call site from a handle tensor: an int tensor
@@ -25,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..attention import sdpa
 from ..errors import SparseDiTError
-from . import compat
+from . import compat, parallel
 from .runtime import AttentionSite, SparseAttentionRuntime
 
 BACKEND_NAME = "sparse_dit"
@@ -146,10 +149,16 @@ def _dispatcher_backend(
             enable_gqa=enable_gqa, attention_kwargs={"return_lse": True} if return_lse else None,
             parallel_config=_parallel_config,
         )
-    if _parallel_config is not None or return_lse:
-        raise _unsupported("context parallelism (each rank sees only a shard of the token grid)")
+    if return_lse:
+        raise _unsupported("returning the log-sum-exp to the model (return_lse=True)")
     if dropout_p or is_causal:
         raise _unsupported("attention dropout or causal masks")
+    if _parallel_config is not None and parallel.split_of(_parallel_config) is not None:
+        entry = _SITES[int(_RUNNING[-1])]
+        runtime = entry.runtime()
+        if runtime is None:
+            raise SparseDiTError(f"{entry.site.id} is hooked by a sparse attention runtime that no longer exists; enable again")
+        return parallel.attend(runtime, entry.site, entry.backend, query, key, value, attn_mask, scale, _parallel_config)
     return attend(query, key, value, attn_mask, scale)
 
 
@@ -176,5 +185,5 @@ _backend_member = None
 def _member():
     global _backend_member
     if _backend_member is None:
-        _backend_member = compat.register_backend(BACKEND_NAME, _dispatcher_backend)
+        _backend_member = compat.register_backend(BACKEND_NAME, _dispatcher_backend, supports_context_parallel=True)
     return _backend_member

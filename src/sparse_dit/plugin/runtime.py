@@ -12,7 +12,7 @@ from ..attention import SparseAttention
 from ..config import SparseAttentionConfig
 from ..errors import ShapeError, SparseDiTError
 from ..pattern_file import PatternFile
-from ..plan import PlanContext, TextPosition
+from ..plan import AttentionPlan, PlanContext, TextPosition
 from ..stats import AttentionStats
 
 
@@ -116,6 +116,7 @@ class SparseAttentionRuntime:
         self.config = config
         self.engine = SparseAttention(config, pattern=pattern)
         self.attached: list[weakref.ref] = []  # the pipeline and transformers that carry this runtime
+        self.models: dict[str, weakref.ref] = {}  # component name ("transformer", "transformer_2") -> transformer
         self.steps = StepTracker(pipeline)
         self.current: ForwardState | None = None
         # Called as observer(site, ctx, q, k, scale) before every self-attention call: how offline tools
@@ -155,8 +156,29 @@ class SparseAttentionRuntime:
         attn_mask: torch.Tensor | None,
         scale: float | None,
         dense: Callable[[], torch.Tensor],
+        head_offset: int = 0,
+        total_heads: int | None = None,
+        gather_heads: Callable[[AttentionPlan, list[float]], list[float]] | None = None,
     ) -> torch.Tensor:
-        """Run one self-attention call of `site`. q, k, v: (B, S, H, D); `dense` computes it unchanged."""
+        """Run one self-attention call of `site`. q, k, v: (B, S, H, D); `dense` computes it unchanged.
+
+        Under Ulysses context parallelism q, k, v hold the model's heads `head_offset` to `head_offset + H - 1`
+        of `total_heads`, and `gather_heads` completes the per-head densities (see `SparseAttention.attend`).
+        """
+        ctx = self.context(site, q, head_offset=head_offset, total_heads=total_heads)
+        if self.observers and ctx.all_heads != ctx.heads:
+            raise SparseDiTError("attention capture (sparse_dit.search) needs every head in one process; "
+                                 "run it without context parallelism")
+        for observer in self.observers:
+            observer(site, ctx, q, k, scale)
+        return self.engine.attend(q, k, v, ctx, scale=scale, attn_mask=attn_mask, dense=dense, gather_heads=gather_heads)
+
+    def context(self, site: AttentionSite, q: torch.Tensor, *, seq_len: int | None = None, head_offset: int = 0,
+                total_heads: int | None = None) -> PlanContext:
+        """The `PlanContext` of a call of `site` on q (B, S, H, D) in the current forward.
+
+        `seq_len` is the length of the whole sequence where q holds a shard of it (ring attention); default S.
+        """
         state = self.current
         if state is None:
             raise SparseDiTError(
@@ -164,6 +186,7 @@ class SparseAttentionRuntime:
                 "call the transformer (or pipeline), not the attention module"
             )
         b, s, h, _ = q.shape
+        s = s if seq_len is None else seq_len
         f, hh, ww = state.grid
         text_len = s - f * hh * ww
         if text_len < 0 or (text_len > 0 and site.text_position == "none"):
@@ -172,11 +195,9 @@ class SparseAttentionRuntime:
                 f"({f * hh * ww} tokens) with text {'none' if site.text_position == 'none' else site.text_position}; "
                 "the model's adapter in sparse_dit.pipelines does not describe this input"
             )
-        ctx = PlanContext(
+        return PlanContext(
             grid=state.grid, text_len=text_len, text_position=site.text_position if text_len else "none",
             batch=b, heads=h, layer=site.layer, site=site.id, branch=state.branch, step=state.step,
-            num_steps=state.num_steps, timestep=state.timestep, device=q.device,
+            num_steps=state.num_steps, timestep=state.timestep, device=q.device, head_offset=head_offset,
+            total_heads=total_heads,
         )
-        for observer in self.observers:
-            observer(site, ctx, q, k, scale)
-        return self.engine.attend(q, k, v, ctx, scale=scale, attn_mask=attn_mask, dense=dense)
