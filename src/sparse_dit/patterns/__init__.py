@@ -19,6 +19,7 @@ from .clear import ClearConfig, ClearPlanner  # isort: skip
 from .adaspa import AdaSpaConfig, AdaSpaPlanner  # isort: skip
 from .xattention import XAttentionConfig, XAttentionPlanner  # isort: skip
 from .svg2 import Svg2Config, Svg2Planner  # isort: skip
+from .vmoba import VmobaConfig, VmobaPlanner  # isort: skip
 
 DEFAULT_METHOD = "window"
 
@@ -40,6 +41,8 @@ __all__ = [
     "RandomPlanner",
     "Svg2Config",
     "Svg2Planner",
+    "VmobaConfig",
+    "VmobaPlanner",
     "WindowConfig",
     "WindowPlanner",
     "XAttentionConfig",
