@@ -35,7 +35,7 @@ FIELDS = ("fixed", "variable", "order", "head_mode", "int8", "int4", "mask", "ls
 # table is a deliberate change here too.
 RUNS_ON_CPU = {
     "reference": set(FIELDS),
-    "gather": {"fixed", "order", "head_mode"},
+    "gather": {"fixed", "variable", "order", "head_mode"},
     "flex": {"fixed", "order", "head_mode", "int8", "int4"},
     "triton": {"fixed", "variable", "order", "head_mode", "int8", "int4", "lse"} if triton_interpreter.HAS_TRITON else set(),
     "auto": set(FIELDS),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from .args import add_command, csv
 
 
@@ -17,7 +18,9 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from ..evals.bench_kernels import cases, format_table, run_case
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    todo = cases(args.seq, args.head_dim, args.density, args.block, args.backend, args.heads, args.dtype)
+    if args.clusters is not None and (len(args.clusters) != 2 or min(args.clusters) < 1):
+        raise ConfigError(f"--clusters takes two positive counts, query and key clusters (e.g. 64,256), got {args.clusters}")
+    todo = cases(args.seq, args.head_dim, args.density, args.block, args.backend, args.heads, args.dtype, args.clusters)
     results = []
     for case in tqdm(todo, desc="bench kernels"):
         results.append(run_case(case, device, args.reps, args.warmup))
@@ -45,6 +48,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="comma-separated shares of key blocks each query block visits")
     kern.add_argument("--block", type=csv(int), default=[128], help="comma-separated block sizes in tokens")
     kern.add_argument("--backend", type=csv(str), default=["auto"], help="auto, gather, flex, triton, reference (comma-separated)")
+    kern.add_argument("--clusters", type=csv(int), default=None,
+                      help="Q,K: also time a variable-block plan of each density with Q query and K key clusters of "
+                           "uneven sizes (some empty, some single-token) and report its speed per computed pair "
+                           "against the fixed-block plan's (default: fixed blocks only)")
     kern.add_argument("--heads", type=int, default=2, help="attention heads")
     kern.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="tensor dtype")
     kern.add_argument("--reps", type=int, default=5, help="timed rounds per case (median)")

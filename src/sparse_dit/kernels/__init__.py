@@ -4,14 +4,15 @@ Backends (what each honours exactly is `capabilities.TABLE`):
 - "triton": the block-sparse Triton kernels on CUDA (`kernels.triton`): any plan, fp16/bf16, head dim 64
   or 128, no model mask, forward only.
 - "gather": the CPU fast path: each query block's kept key blocks gathered and run through the CPU flash
-  SDPA kernel, query blocks grouped by their key count (`kernels.gather`). Fixed blocks, no low-bit Q·K, no
-  model mask, no LSE, no gradient, one head dim for q, k and v; no compilation.
+  SDPA kernel, query blocks grouped by their key count (`kernels.gather`); variable-block plans one SDPA call
+  per query cluster over its kept key clusters' tokens (`kernels.varblock`). No low-bit Q·K, no model mask,
+  no LSE, no gradient, one head dim for q, k and v; no compilation.
 - "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (runs on CPU and CUDA; slower
   than "gather" on CPU, see docs/benchmarks.md). Fixed blocks, no model mask; on CPU no LSE, no gradient.
 - "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
 - "auto": on CUDA "triton" where it honours the call, else "flex"; on CPU "gather" where it does; below
-  AUTO_MIN_SEQ tokens, and for what no fast path honours (variable blocks or low-bit Q·K on CPU, model
-  masks, the LSE on CPU), "reference" (`capabilities.select_backend`).
+  AUTO_MIN_SEQ tokens, and for what no fast path honours (low-bit Q·K on CPU, model masks, the LSE on
+  CPU), "reference" (`capabilities.select_backend`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ..errors import ShapeError
 from ..plan import AttentionPlan
-from . import flex, gather
+from . import flex, gather, varblock
 from .capabilities import AUTO_MIN_SEQ, BACKENDS, Capabilities, backend_capabilities, select_backend
 from .inputs import check_inputs
 from .reference import reference_attention
@@ -71,6 +72,8 @@ def run(
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     backend = select_backend(plan, q, attn_mask, return_lse, backend, grad=grad, v_head_dim=v.shape[-1])
     if backend == "gather":
+        if plan.q_bounds is not None or plan.k_bounds is not None:
+            return varblock.varblock_attention(q, k, v, plan, scale=scale)
         return gather.gather_attention(q, k, v, plan, scale=scale)
     if backend == "triton":
         from .triton import triton_attention
