@@ -254,12 +254,7 @@ def two_processes(tmp_path_factory) -> list[dict]:
     return [json.loads((tmp / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
-# svg2 draws its k-means starting points for the heads a process holds, keyed by their local index; under Ulysses
-# the second process's heads start elsewhere than on one process. Fixed once `random_centroids` draws for
-# `ctx.all_heads` and keeps `ctx.head_slice`, as `random` does.
-_LOCAL_HEAD_DRAWS = pytest.mark.xfail(strict=True, reason="svg2 seeds its k-means per local head index")
-CASES = [pytest.param(f"{mode}/{case}", marks=_LOCAL_HEAD_DRAWS if (mode, case) == ("ulysses", "svg2") else ())
-         for mode in ("ulysses", "ring")
+CASES = [f"{mode}/{case}" for mode in ("ulysses", "ring")
          for case in (*METHODS, "random_pattern", "uneven/window", "uneven/random", "uneven/oracle", "gather_backend")]
 
 

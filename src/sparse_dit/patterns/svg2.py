@@ -138,16 +138,21 @@ class Clusters(NamedTuple):
     sizes: torch.Tensor
 
 
-def random_centroids(x: torch.Tensor, count: int, generator: torch.Generator, *, heads: int | None = None) -> torch.Tensor:
+def random_centroids(x: torch.Tensor, count: int, generator: torch.Generator, *, heads: int | None = None,
+                     heads_of: tuple[int, int] | None = None) -> torch.Tensor:
     """`count` distinct points of every row, drawn at random: x (BH, N, D) -> float32 (BH, count, D).
 
     With `heads`, rows b * heads + h take the points at the same positions for every b, so a batch row starts
     from the same positions whatever else is in its batch (a prompt alone or beside others, cond beside uncond).
+    `heads_of` = (first, total): the rows' heads are heads first.. of a model with `total` heads (a process's
+    share under Ulysses context parallelism); every head's points are drawn and the share kept, so head h starts
+    from the same points whichever process holds it.
     """
     bh, n, d = x.shape
     draws = bh if heads is None else heads
+    first, total = heads_of if heads_of is not None else (0, draws)
     # Drawn on the CPU so that a seed gives the same points on every device.
-    picks = torch.rand(draws, n, generator=generator).topk(count, dim=-1).indices.to(x.device)
+    picks = torch.rand(total, n, generator=generator).topk(count, dim=-1).indices[first : first + draws].to(x.device)
     picks = picks.repeat(bh // draws, 1)
     return x.gather(1, picks[..., None].expand(bh, count, d)).float()
 
@@ -298,7 +303,9 @@ class Svg2Planner(Planner):
         if _warm(cached, (b, h, count, d), x.device):
             found = kmeans(rows, cached.reshape(b * h, count, d), self.config.kmeans_iter_step)
         else:
-            start = random_centroids(rows, count, _init_generator(self.config.seed, ctx), heads=h)
+            group = ctx.heads // h  # > 1 for the keys of grouped-query attention
+            heads_of = (ctx.head_offset // group, ctx.all_heads // group)
+            start = random_centroids(rows, count, _init_generator(self.config.seed, ctx), heads=h, heads_of=heads_of)
             found = kmeans(rows, start, self.config.kmeans_iter_init)
         return Clusters(found.labels.view(b, h, -1), found.centroids.view(b, h, count, d), found.sizes.view(b, h, count))
 
