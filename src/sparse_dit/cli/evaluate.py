@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from .args import add_command, add_pipeline, add_prompts, add_video, csv, parse_
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..evals import data_parallel
     from ..evals.report import markdown, write_reports
     from ..evals.runner import EvalSettings, Evaluation
 
@@ -23,12 +25,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out=Path(args.out), methods=args.methods, configs=parse_configs(args.config), prompts=read_prompts(args),
         seeds=args.seeds, call_kwargs=video_call(args), reps=args.reps, warmup=args.warmup, controls=args.controls,
     )
-    pipe, description = load_pipeline(args.pipeline)
-    pipe.set_progress_bar_config(disable=True)
-    reference, against = (None, "") if args.reference is None else load_pipeline(args.reference)
-    if reference is not None:
-        reference.set_progress_bar_config(disable=True)
-    records = Evaluation(pipe, settings, reference=reference).run()
+    if args.num_processes < 1:
+        raise ConfigError(f"--num-processes must be 1 or more, got {args.num_processes}")
+    if data_parallel.launched_size() > 1:  # one of the processes torchrun or accelerate launch started
+        records, description, against = data_parallel.run_worker(settings, args.pipeline, args.reference)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+    elif args.num_processes > 1:
+        records, description, against = data_parallel.launch(settings, args.pipeline, args.reference, args.num_processes,
+                                                             imports=args.imports)
+    else:
+        pipe, description = load_pipeline(args.pipeline)
+        pipe.set_progress_bar_config(disable=True)
+        reference, against = (None, "") if args.reference is None else load_pipeline(args.reference)
+        if reference is not None:
+            reference.set_progress_bar_config(disable=True)
+        records = Evaluation(pipe, settings, reference=reference).run()
     title = f"sparse-dit evaluation: {description}" + (f", scored against {against}'s dense output" if against else "")
     md, page = write_reports(records, settings.out, title)
     print(markdown(records, title))
@@ -96,6 +108,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_video(ev, steps=10)
     ev.add_argument("--reps", type=int, default=1, help="timed repetitions per video (median)")
     ev.add_argument("--warmup", type=int, default=1, help="untimed generations per method before timing")
+    ev.add_argument("--num-processes", type=int, default=1,
+                    help="split the (method, prompt, seed) items over this many processes on this machine, one per "
+                         "GPU (with accelerate); results.json is what one process writes. torchrun / accelerate "
+                         "launch of the command work too")
     ev.add_argument("--out", required=True, help="output folder; rerunning skips finished items")
     ev.set_defaults(func=cmd_eval)
 

@@ -5,12 +5,17 @@ attention time is measured the same way for every method. Every sparse method is
 density per (step, site, head), with two yardsticks: `random` blocks, the control it must beat, and `oracle`,
 the blocks of highest exact attention mass, the best a mass-based selector can reach. Finished items are
 skipped when the command is run again on the same output folder.
+
+Items can be split over processes or GPUs (`sparse-dit eval --num-processes N`, `evals.data_parallel`): the dense
+baselines first, then the (method, prompt, seed) items with their controls, each process taking every N-th; the
+main process then writes `results.json` exactly as one process would have (`merge_records`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -95,6 +100,68 @@ def _frames(output: Any) -> torch.Tensor:
     return video
 
 
+def validate_settings(settings: EvalSettings) -> tuple[dict[str, Any], list[str]]:
+    """Check every name and option before anything is generated (see `Evaluation.validate`)."""
+    if not settings.prompts:
+        raise ConfigError("no prompts to evaluate: the prompts file is empty; give one prompt per line")
+    methods = [m for m in dict.fromkeys(settings.methods) if m not in (BASELINE, "random")]
+    controls = list(dict.fromkeys(settings.controls))
+    if not methods and "random" in settings.methods:
+        raise ConfigError("random is a control, run at the density of each method it is paired with; name a method "
+                          "to evaluate (e.g. --methods dense,window), or evaluate random itself as oracle's control "
+                          "with --methods oracle")
+    # Unknown names and bad options fail now, not after the dense baselines.
+    configs = {name: resolve_config(name, **settings.configs.get(name, {})) for name in methods}
+    unused = sorted(set(settings.configs) - {*methods, *controls})
+    if unused:
+        raise ConfigError(f"--config sets options of {unused}, which this evaluation does not run; "
+                          f"it runs {', '.join([*methods, *controls]) or 'no method'}")
+    for control in controls:
+        resolve_config(control, **settings.configs.get(control, {}))
+        clash = sorted(set(settings.configs.get(control, {})) & set(PAIRED_POLICY))
+        if clash:
+            raise ConfigError(f"--config {control}.{clash[0]} clashes with the control's pairing: {control} takes "
+                              f"its densities and {', '.join(PAIRED_POLICY)} from the method it is paired with; set "
+                              "them on that method")
+    return configs, controls
+
+
+Identity = tuple[str, str, int, str | None]
+
+
+def identity(record: dict) -> Identity:
+    """What names a record's item: (method, prompt, seed, paired_with)."""
+    return record["method"], record["prompt"], record["seed"], record.get("paired_with")
+
+
+def run_order(settings: EvalSettings, methods: list[str], controls: list[str]) -> list[Identity]:
+    """The items of an evaluation in the order one process runs them: per (prompt, seed) the dense baseline, then
+    each method followed by its controls."""
+    order: list[Identity] = []
+    for prompt in settings.prompts:
+        for seed in range(settings.seeds):
+            order.append((BASELINE, prompt, seed, None))
+            for name in methods:
+                order.append((name, prompt, seed, None))
+                order.extend((control, prompt, seed, name) for control in controls if control != name)
+    return order
+
+
+def merge_records(initial: list[dict], created: list[dict], order: list[Identity]) -> list[dict]:
+    """The records one process would leave in `results.json`, from what several made.
+
+    One process keeps the records it found (`initial`) in place, drops those of items it evaluated again (their
+    settings changed) and appends the new ones in its run order. Here `created` holds the new records of every
+    process, in any order.
+    """
+    rank = {item: i for i, item in enumerate(order)}
+    unknown = [identity(r) for r in created if identity(r) not in rank]
+    if unknown:
+        raise ConfigError(f"records of items this evaluation does not run: {unknown[:3]}")
+    replaced = {identity(r) for r in created}
+    return [r for r in initial if identity(r) not in replaced] + sorted(created, key=lambda r: rank[identity(r)])
+
+
 class Evaluation:
     """Runs the items of one evaluation and keeps `results.json` up to date after each.
 
@@ -117,6 +184,8 @@ class Evaluation:
         self._model = {"evaluated": model_signature(pipe).components,
                        "reference": None if reference is None else model_signature(reference).components}
         self.stale = 0  # finished items whose settings changed since they were written, evaluated again
+        self.created: list[dict] = []  # the records this run added
+        self._part: Path | None = None  # where a process of a data-parallel run keeps its records (`run(state)`)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def item_key(self, method: str, prompt: str, seed: int, paired_with: str | None, config: dict, base: str = "") -> str:
@@ -139,11 +208,15 @@ class Evaluation:
 
     def _add(self, record: dict) -> dict:
         self.records.append(record)
+        self.created.append(record)
         self._save()
         return record
 
     def _save(self) -> None:
-        self.results_path.write_text(json.dumps(self.records, indent=1, default=float))
+        if self._part is not None:  # a data-parallel process: its own records, merged at the end
+            self._part.write_text(json.dumps(self.created, indent=1, default=float))
+        else:
+            self.results_path.write_text(json.dumps(self.records, indent=1, default=float))
 
     def _video_path(self, name: str, prompt_idx: int, seed: int) -> Path:
         return self.out / "videos" / f"{name}_p{prompt_idx}_s{seed}"
@@ -259,57 +332,109 @@ class Evaluation:
 
         Raises ConfigError (UnknownMethodError for an unknown name) with what to pass instead.
         """
-        settings = self.settings
-        if not settings.prompts:
-            raise ConfigError("no prompts to evaluate: the prompts file is empty; give one prompt per line")
-        methods = [m for m in dict.fromkeys(settings.methods) if m not in (BASELINE, "random")]
-        controls = list(dict.fromkeys(settings.controls))
-        if not methods and "random" in settings.methods:
-            raise ConfigError("random is a control, run at the density of each method it is paired with; name a method "
-                              "to evaluate (e.g. --methods dense,window), or evaluate random itself as oracle's control "
-                              "with --methods oracle")
-        # Unknown names and bad options fail now, not after the dense baselines.
-        configs = {name: resolve_config(name, **settings.configs.get(name, {})) for name in methods}
-        unused = sorted(set(settings.configs) - {*methods, *controls})
-        if unused:
-            raise ConfigError(f"--config sets options of {unused}, which this evaluation does not run; "
-                              f"it runs {', '.join([*methods, *controls]) or 'no method'}")
-        for control in controls:
-            resolve_config(control, **settings.configs.get(control, {}))
-            clash = sorted(set(settings.configs.get(control, {})) & set(PAIRED_POLICY))
-            if clash:
-                raise ConfigError(f"--config {control}.{clash[0]} clashes with the control's pairing: {control} takes "
-                                  f"its densities and {', '.join(PAIRED_POLICY)} from the method it is paired with; set "
-                                  "them on that method")
-        return configs, controls
+        return validate_settings(self.settings)
 
-    def run(self) -> list[dict]:
-        """Evaluate every (prompt, seed) with every method and its controls at the method's measured density."""
+    def run(self, state: Any = None) -> list[dict]:
+        """Evaluate every (prompt, seed) with every method and its controls at the method's measured density.
+
+        Args:
+            state: accelerate's `PartialState` of a data-parallel run (`evals.data_parallel`): this process
+                evaluates its share and the main process writes `results.json` as one process would. None (or a
+                single process): everything here.
+        Returns:
+            The records of `results.json`.
+        """
         configs, controls = self.validate()
-        methods = list(configs)
+        if state is not None and state.num_processes > 1:
+            return self._run_shared(state, configs, controls)
         items = [(i, p, s) for i, p in enumerate(self.settings.prompts) for s in range(self.settings.seeds)]
-        todo = [(i, p, s, m) for i, p, s in items for m in methods]
-        bar = tqdm(total=len(items) + len(todo) + sum(c != m for m in methods for c in controls) * len(items),
-                   desc="eval", unit="video")
+        bar = tqdm(total=len(items) * (1 + sum(1 + sum(c != m for c in controls) for m in configs)), desc="eval", unit="video")
         for i, prompt, seed in items:
             dense_video, dense_record = self.dense(i, prompt, seed)
             bar.update(1)
             for name, config in configs.items():
-                key = self.item_key(name, prompt, seed, None, config.to_dict(), dense_record["key"])
-                record = self._find(name, prompt, seed, key=key)
-                if record is None:
-                    record = self._add({**self.method(name, config, i, prompt, seed, dense_video, dense_record)[1], "key": key})
-                bar.update(1)
-                for control in controls:
-                    if control == name:
-                        continue
-                    control_key = self.item_key(control, prompt, seed, name, self.settings.configs.get(control, {}), key)
-                    if self._find(control, prompt, seed, paired_with=name, key=control_key) is None:
-                        paired = self._control(control, name, config, record, i, prompt, seed, dense_video, dense_record)
-                        self._add({**paired, "key": control_key})
-                    bar.update(1)
+                self._method_item(name, config, controls, i, prompt, seed, dense_video, dense_record, bar)
         bar.close()
+        self._report_stale()
+        return self.records
+
+    def _method_item(self, name: str, config, controls: list[str], i: int, prompt: str, seed: int,
+                     dense_video: torch.Tensor, dense_record: dict, bar: tqdm) -> None:
+        """One (method, prompt, seed) item and its controls, each skipped if already finished."""
+        key = self.item_key(name, prompt, seed, None, config.to_dict(), dense_record["key"])
+        record = self._find(name, prompt, seed, key=key)
+        if record is None:
+            record = self._add({**self.method(name, config, i, prompt, seed, dense_video, dense_record)[1], "key": key})
+        bar.update(1)
+        for control in controls:
+            if control == name:
+                continue
+            control_key = self.item_key(control, prompt, seed, name, self.settings.configs.get(control, {}), key)
+            if self._find(control, prompt, seed, paired_with=name, key=control_key) is None:
+                paired = self._control(control, name, config, record, i, prompt, seed, dense_video, dense_record)
+                self._add({**paired, "key": control_key})
+            bar.update(1)
+
+    def _report_stale(self) -> None:
         if self.stale:
             tqdm.write(f"{self.stale} finished items were made under other settings (steps, sizes, model or options) "
                        "and were evaluated again")
+
+    def _run_shared(self, state: Any, configs: dict[str, Any], controls: list[str]) -> list[dict]:
+        """This process's share of a data-parallel run: every `num_processes`-th dense baseline, then (once all are
+        written) every `num_processes`-th (method, prompt, seed) item with its controls. Each process keeps its new
+        records in `.parallel/part-<rank>.json` of the output folder; the main process merges them."""
+        rank, count = state.process_index, state.num_processes
+        parts = self.out / ".parallel"
+        parts.mkdir(exist_ok=True)
+        # Records an interrupted run left in its parts count as finished, as they would in one process's file.
+        for leftover in sorted(parts.glob("part-*.json")):
+            self._take(json.loads(leftover.read_text()))
+        initial = list(self.records)
+        state.wait_for_everyone()  # all have read the leftovers before any part is started afresh
+        self._part = parts / f"part-{rank}.json"
+        self._part.write_text("[]")
+        state.wait_for_everyone()
+        items = [(i, p, s) for i, p in enumerate(self.settings.prompts) for s in range(self.settings.seeds)]
+        units = [(i, p, s, name) for i, p, s in items for name in configs]
+        bar = tqdm(total=len(items[rank::count]) + len(units[rank::count]), desc=f"eval (process {rank}/{count})",
+                   unit="item", disable=not state.is_main_process)
+        for i, prompt, seed in items[rank::count]:
+            self.dense(i, prompt, seed)
+            bar.update(1)
+        state.wait_for_everyone()
+        self._absorb(parts, rank, count)  # every baseline, whichever process made it
+        for i, prompt, seed, name in units[rank::count]:
+            dense_video, dense_record = self.dense(i, prompt, seed)  # found: written above
+            self._method_item(name, configs[name], controls, i, prompt, seed, dense_video, dense_record, _Quiet())
+            bar.update(1)
+        bar.close()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            created = [r for k in range(count) for r in json.loads((parts / f"part-{k}.json").read_text())]
+            self.records = merge_records(initial, created, run_order(self.settings, list(configs), controls))
+            self._part = None
+            self._save()
+            shutil.rmtree(parts)
+            replaced = {identity(r) for r in created}
+            self.stale = sum(identity(r) in replaced for r in initial)
+            self._report_stale()
+        state.wait_for_everyone()
+        self.records = json.loads(self.results_path.read_text())
         return self.records
+
+    def _absorb(self, parts: Path, rank: int, count: int) -> None:
+        """Take the records the other processes wrote so far."""
+        for k in range(count):
+            if k != rank:
+                self._take(json.loads((parts / f"part-{k}.json").read_text()))
+
+    def _take(self, records: list[dict]) -> None:
+        """Add records made elsewhere, each in place of an older record of its item."""
+        for record in records:
+            self.records = [r for r in self.records if identity(r) != identity(record)] + [record]
+
+
+class _Quiet:
+    def update(self, n: int = 1) -> None:
+        pass
