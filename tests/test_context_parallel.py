@@ -22,7 +22,7 @@ import torch
 TOL = 2e-5  # fp32 round-off: Ulysses computes the same sums per head, ring in another order (measured <= 1e-6)
 TIMEOUT = 150  # seconds for the whole two-process run
 # Every method whose plan is determined by q, k and the call's place (site, step, global head index).
-METHODS = ("window", "random", "dense", "oracle", "gna", "clear", "svg2")
+METHODS = ("window", "random", "dense", "oracle", "gna", "clear", "svg2", "adaspa", "xattention", "vmoba")
 OPTIONS = {"min_seq_len": 0, "dense_steps": 0, "block_size": 8}
 METHOD_OPTIONS = {"window": {"window": (1, 3, 3)}, "random": {"density": 0.3}, "oracle": {"density": 0.3},
                   "svg2": {"num_q_centroids": 6, "num_k_centroids": 8}}
@@ -483,6 +483,27 @@ def test_backend_takes_part_in_context_parallelism():
     model = _wan()
     enable_sparse_attention(model, "window")
     assert "sparse_dit" in _AttentionBackendRegistry._supports_context_parallel
+
+
+def test_example_runs_under_torchrun():
+    """examples/wan_context_parallel.py on the demo model: two processes, checked against one."""
+    import re
+    import signal
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "wan_context_parallel.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
+               "--pipeline", "demo", "--check", "--frames", "4", "--size", "32", "32", "--steps", "3"]
+    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = proc.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the two processes it started
+        proc.communicate()
+        pytest.fail(f"the example took more than {TIMEOUT} s")
+    assert proc.returncode == 0, output[-4000:]
+    assert "window under Ulysses over 2 processes" in output and "of all 2 heads" in output
+    assert float(re.search(r"largest difference from one process: (\S+)", output).group(1)) <= TOL
 
 
 if __name__ == "__main__":
