@@ -151,8 +151,8 @@ def check(config: SparseAttentionConfig, model: torch.nn.Module, parallel_config
         )
     if split.mode == "ring" and device is not None and config.backend not in ring_backends(device):
         raise ConfigError(
-            f"ring attention merges key shards by their log-sum-exp (LSE), and backend {config.backend!r} computes "
-            f"sparse blocks cut at shard edges without one on {torch.device(device).type}; use backend="
+            f"ring attention merges key shards by their log-sum-exp (LSE), which backend {config.backend!r} does not "
+            f"return for a shard's blocks on {torch.device(device).type}; use backend="
             f"{' or '.join(repr(b) for b in ring_backends(device))}, or ulysses_degree instead of ring_degree"
         )
     return split
@@ -165,14 +165,13 @@ def _model_of(runtime: SparseAttentionRuntime, site: AttentionSite) -> torch.nn.
 
 def _checked(runtime: SparseAttentionRuntime, site: AttentionSite, parallel_config: Any, device: torch.device) -> Split:
     """`check` once per (runtime, parallel config, site's model); the split of this call."""
-    seen = runtime.__dict__.setdefault("_parallel_checked", {})
     key = (id(parallel_config), site.id[: -len(site.name) - 1])
-    split = seen.get(key)
+    split = runtime.parallel_checked.get(key)
     if split is None:
         model = _model_of(runtime, site)
         if model is None:
             raise SparseDiTError(f"{site.id} is hooked by a runtime that no longer holds its transformer; enable again")
-        split = seen[key] = check(runtime.config, model, parallel_config, device)
+        split = runtime.parallel_checked[key] = check(runtime.config, model, parallel_config, device)
     return split
 
 

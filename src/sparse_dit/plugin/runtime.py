@@ -117,6 +117,7 @@ class SparseAttentionRuntime:
         self.engine = SparseAttention(config, pattern=pattern)
         self.attached: list[weakref.ref] = []  # the pipeline and transformers that carry this runtime
         self.models: dict[str, weakref.ref] = {}  # component name ("transformer", "transformer_2") -> transformer
+        self.parallel_checked: dict[tuple, Any] = {}  # (parallel config, component) -> its checked split (plugin.parallel)
         self.steps = StepTracker(pipeline)
         self.current: ForwardState | None = None
         # Called as observer(site, ctx, q, k, scale) before every self-attention call: how offline tools
