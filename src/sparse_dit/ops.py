@@ -20,8 +20,12 @@ from .kernels.capabilities import triton_installed
 
 Impl = Literal["auto", "torch", "triton"]
 
-# Query rows per chunk of `block_attention_mass`: 1024 rows x 16k keys x 2 heads in fp32 is 128 MB per batch row.
+# Most query rows per chunk of `block_attention_mass`.
 CHUNK_ROWS = 1024
+# Most score elements per chunk of `block_attention_mass` (4 MB in fp32): the chunk's scores pass through a
+# matmul, a subtraction, an exp and two block sums, and at 8k keys a chunk of 1024 rows (64 MB) from DRAM made
+# the mass cost 2.0x a dense SDPA call on one thread, one that stays in cache 1.2x.
+CHUNK_ELEMENTS = 1 << 20
 # Most elements of one chunk of the (points x centroids) distances in `kmeans_assign`: 64 MB in fp32.
 KMEANS_CHUNK = 1 << 24
 # Round-off may leave a row's cumulative share a hair under p although every entry is counted.
@@ -139,7 +143,7 @@ def block_attention_mass(
         impl: "auto" (Triton for CUDA tensors it takes, with an LSE and block 64 or 128, else torch), "torch"
             or "triton".
         chunk_rows: query rows per step of the torch path (memory: B * H * chunk_rows * S floats), default
-            CHUNK_ROWS; rounded down to whole blocks.
+            as many as CHUNK_ELEMENTS scores hold, at most CHUNK_ROWS; rounded down to whole blocks (one at least).
     Returns:
         float32 (B, H, n, n) with n = ceil(S / block_size).
     """
@@ -156,7 +160,9 @@ def block_attention_mass(
     n = -(-s // block_size)
     qh, kh = q.transpose(1, 2).float(), k.transpose(1, 2).float()
     out = torch.empty(b, h, n, n, dtype=torch.float32, device=q.device)
-    rows = max(1, (CHUNK_ROWS if chunk_rows is None else chunk_rows) // block_size) * block_size
+    if chunk_rows is None:
+        chunk_rows = min(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, b * h * s))
+    rows = max(1, chunk_rows // block_size) * block_size
     for start in range(0, s, rows):
         stop = min(s, start + rows)
         scores = qh[:, :, start:stop] @ kh.transpose(-1, -2) * scale  # (B, H, r, S)
@@ -166,10 +172,24 @@ def block_attention_mass(
             row_lse = lse[:, :, start:stop].float()
             row_lse = row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
         probs = scores.sub_(row_lse[..., None]).exp_()  # in place: the chunk's scores are its largest tensor
-        per_key_block = F.pad(probs, (0, n * block_size - s)).view(b, h, stop - start, n, block_size).sum(-1)
+        per_key_block = _block_sums(probs, block_size, n)
         first, last = start // block_size, -(-stop // block_size)
         padded = F.pad(per_key_block, (0, 0, 0, (last - first) * block_size - (stop - start)))
         out[:, :, first:last] = padded.view(b, h, last - first, block_size, n).sum(3)
+    return out
+
+
+def _block_sums(x: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
+    """x (..., S) summed over consecutive blocks of `block_size` into (..., n), the last block possibly short.
+
+    Whole blocks are summed through a view and the short tail apart, rather than padding x: a pad would copy
+    the chunk of scores, the largest tensor of a mass computation."""
+    s = x.shape[-1]
+    whole = s // block_size
+    out = x.new_empty(*x.shape[:-1], n)
+    out[..., :whole] = x[..., : whole * block_size].unflatten(-1, (whole, block_size)).sum(-1)
+    if whole < n:
+        out[..., whole] = x[..., whole * block_size :].sum(-1)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import CHUNK_ROWS, block_attention_mass
+from ..ops import block_attention_mass
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
@@ -26,7 +26,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float |
     """
     s = q.shape[1]
     # Summed mass under dense attention's LSE (computed chunk by chunk on the way), then averaged over rows.
-    mass = block_attention_mass(q, k, None, block_size, scale, chunk_rows=CHUNK_ROWS)
+    mass = block_attention_mass(q, k, None, block_size, scale)
     starts = torch.arange(0, s, block_size, device=q.device)
     counts = torch.clamp(starts + block_size, max=s) - starts
     return mass / counts.view(1, 1, -1, 1)
