@@ -175,3 +175,37 @@ def test_a_replaced_plan_does_not_inherit_the_kernels_cache():
     assert diagonal.cache == {}
     expected = kernels.run(q, q, q, diagonal, backend="reference")
     torch.testing.assert_close(kernels.run(q, q, q, diagonal, backend="gather"), expected)
+
+
+def test_check_rows_with_one_layout_for_every_head_and_per_head_modes():
+    """The regression: a layout shared by all heads (H' = 1) with per-head modes (H' = H) crashed on an in-place
+    broadcast instead of checking the sparse heads only."""
+    layout = torch.eye(5, dtype=torch.bool)[None, None].clone()
+    layout[..., 2, 2] = False  # query block 2 keeps nothing
+    modes = torch.tensor([[HEAD_DENSE, HEAD_SKIP, HEAD_DENSE]], dtype=torch.int8)
+    AttentionPlan(seq_len=20, layout=layout, block_size=4, head_mode=modes).check_rows()  # no sparse head: fine
+    with pytest.raises(ShapeError, match="attends no key block"):
+        AttentionPlan(seq_len=20, layout=layout, block_size=4, head_mode=modes.clone().fill_(HEAD_SPARSE)).check_rows()
+    # Per-head variable boundaries over the shared layout: an empty row of a zero-length block is allowed.
+    bounds = torch.tensor([[[0, 4, 8, 8, 12, 20], [0, 4, 8, 12, 16, 20]]])
+    plan = AttentionPlan(seq_len=20, layout=layout, q_bounds=bounds, k_bounds=bounds)
+    with pytest.raises(ShapeError, match="attends no key block"):  # head 1's block 2 holds tokens
+        plan.check_rows()
+    AttentionPlan(seq_len=20, layout=layout, q_bounds=bounds[:, :1], k_bounds=bounds[:, :1]).check_rows()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_reference_rows_that_attend_nothing_give_zero_and_minus_infinity(quant):
+    """With or without the LSE: output 0 and LSE -inf, never NaN (the model mask empties the rows here)."""
+    q, k, v = qkv(2, 20, 2)
+    plan = AttentionPlan(seq_len=20, layout=torch.ones(1, 1, 5, 5, dtype=torch.bool), block_size=4, quant=quant)
+    mask = torch.ones(2, 2, 20, 20, dtype=torch.bool)
+    mask[1, 0, 3:7] = False  # queries 3..6 of row 1, head 0 attend nothing
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    for attn_mask in (mask, additive):
+        plain = kernels.run(q, k, v, plan, backend="reference", attn_mask=attn_mask)
+        out, lse = kernels.run(q, k, v, plan, backend="reference", attn_mask=attn_mask, return_lse=True)
+        for result in (plain, out):
+            assert torch.isfinite(result).all() and result[1, 3:7, 0].abs().max() == 0
+        assert torch.isneginf(lse[1, 0, 3:7]).all() and torch.isfinite(lse[0]).all() and torch.isfinite(lse[1, 1]).all()
+        torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)

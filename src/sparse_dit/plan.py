@@ -141,10 +141,11 @@ class AttentionPlan:
     def check_rows(self) -> None:
         """Raise if a sparse head has a query block with no key block (its softmax would be empty)."""
         empty = ~self.layout.any(dim=-1)
+        # Not in place: the bounds and head modes may be per head where the layout is shared (H' = 1).
         if self.q_bounds is not None:
-            empty &= self.block_lengths("q") > 0  # zero-length padding blocks may be empty
+            empty = empty & (self.block_lengths("q") > 0)  # zero-length padding blocks may be empty
         if self.head_mode is not None:
-            empty &= (self.head_mode == HEAD_SPARSE).to(empty.device)[..., None]
+            empty = empty & (self.head_mode == HEAD_SPARSE).to(empty.device)[..., None]
         if bool(empty.any()):
             raise ShapeError("plan has a query block that attends no key block; every query block must keep one")
 

@@ -44,6 +44,7 @@ def reference_attention(
             (B, H, S, S), in the original token order.
     Returns:
         out (B, S, H, D) in q's dtype, and with `return_lse` the log-sum-exp of the scaled scores, float32 (B, H, S).
+        A query that attends no key gets output 0 and LSE -inf.
     """
     b, s, h, d = q.shape
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
@@ -69,7 +70,10 @@ def reference_attention(
         scores = (qh.float() @ kh.float().transpose(-1, -2)) * (scale if scale is not None else d**-0.5)
         scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
-        out = (torch.exp(scores - lse[..., None]) @ vh.float()).to(q.dtype)
+        # A query that attends nothing has lse -inf: subtract 0 there (exp(-inf - -inf) would be NaN), so its
+        # output is 0, as SDPA gives it without the LSE.
+        shift = lse.masked_fill(torch.isneginf(lse), 0.0)
+        out = (torch.exp(scores - shift[..., None]) @ vh.float()).to(q.dtype)
 
     out, lse = finish(plan, out, lse)
     out = out.transpose(1, 2)
