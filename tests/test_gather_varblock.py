@@ -8,6 +8,10 @@ heads, one axis variable and the other fixed, query clusters that keep only empt
 the reference gives them). Tolerances against the reference on the inputs upcast to float64: float32 2e-5
 (accumulation order only), float16 3e-3 and bfloat16 2e-2 (`conftest.TOL`: softmax and P·V rounded in the input
 dtype).
+
+The same path's LSE (`return_lse=True`, ring attention's shards), and the fixed-block path's, against the
+reference's: float32 LSE within the tolerance above and at least 1e-4, -inf with output 0 where a query attends
+nothing, with and without key splits.
 """
 
 import dataclasses
@@ -162,9 +166,7 @@ def test_auto_sends_variable_blocks_on_cpu_to_the_varblock_path():
     assert any(key[0] == "varblock_schedule" for key in plan.cache)
     assert not any(key[0] == "gather_groups" for key in plan.cache)
     torch.testing.assert_close(out, kernels.run(q, k, v, plan, backend="reference"), atol=2e-5, rtol=2e-5)
-    # What the gather row still refuses, it refuses for variable blocks too.
-    with pytest.raises(ConfigError, match="return_lse"):
-        kernels.run(q, k, v, plan, backend="gather", return_lse=True)
+    # What the gather row refuses, it refuses for variable blocks too.
     with pytest.raises(ConfigError, match="plan.quant='int8'"):
         kernels.run(q, k, v, dataclasses.replace(plan, quant="int8"), backend="gather")
 
@@ -228,3 +230,66 @@ def test_svg2_plans_match_the_reference(position, dtype):
     with torch.inference_mode():
         out = kernels.run(q, k, v, plan, backend="gather")
     torch.testing.assert_close(out.double(), expected(q, k, v, plan), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def expected_with_lse(q, k, v, plan):
+    """The reference's output and LSE on the inputs upcast to float64 (it takes the LSE in float32)."""
+    return kernels.run(q.double(), k.double(), v.double(), plan, backend="reference", return_lse=True)
+
+
+def check_lse(q, k, v, plan):
+    """gather's (out, lse) against the reference, and its output against its own no-LSE output: the same sums."""
+    with torch.inference_mode():
+        out, lse = kernels.run(q, k, v, plan, backend="gather", return_lse=True)
+        plain = kernels.run(q, k, v, plan, backend="gather")
+    want, want_lse = expected_with_lse(q, k, v, plan)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    tol = TOL[q.dtype]
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    # -inf where the reference has it (queries that attend nothing), and exactly 0 output there.
+    torch.testing.assert_close(lse.double(), want_lse.double(), atol=max(tol, 1e-4), rtol=max(tol, 1e-4))
+    nothing = torch.isneginf(lse).transpose(1, 2)
+    assert not out[nothing].any()
+    torch.testing.assert_close(out, plain, atol=tol, rtol=tol)
+    return nothing
+
+
+@settings(**{**SETTINGS, "max_examples": 40})
+@given(case=varblock_cases(), split=st.booleans())
+def test_varblock_lse_matches_the_reference(case, split):
+    """The LSE of the variable-block path on the same draws, keys split at most 16 to a part or not."""
+    q, k, v, plan = case
+    with pytest.MonkeyPatch.context() as patch:
+        if split:
+            patch.setattr(gather, "KV_BYTES", 16 * 2 * q.shape[-1] * q.element_size())
+        check_lse(q, k, v, plan)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fixed_block_lse_matches_the_reference(dtype, split, monkeypatch):
+    """The fixed-block path with its LSE: S=301 in blocks of 32 (a short last block), per-head token orders,
+    dense, sparse and skipped heads, query blocks that keep no key block (0 and -inf), a layout per row and head
+    and one shared by all; with `split`, at most two key blocks per flash call, merged by their LSE."""
+    if split:
+        monkeypatch.setattr(gather, "KV_BYTES", 2 * 32 * 2 * 32 * dtype.itemsize)
+    gen = torch.Generator().manual_seed(11)
+    b, s, h, bs = 2, 301, 3, 32
+    n = -(-s // bs)
+    q, k, v = (torch.randn(b, s, h, 32, generator=gen).to(dtype) for _ in range(3))
+    layout = (torch.rand(b, h, n, n, generator=gen) < 0.3) | torch.eye(n, dtype=torch.bool)
+    layout[:, :, [1, n - 1]] = False  # a middle block and the short last one keep nothing
+    order = torch.stack([torch.randperm(s, generator=gen) for _ in range(b * h)]).view(b, h, s)
+    modes = torch.tensor([[HEAD_SPARSE, HEAD_DENSE, HEAD_SKIP]], dtype=torch.int8)
+    plans = [AttentionPlan(seq_len=s, layout=layout, block_size=bs),
+             AttentionPlan(seq_len=s, layout=layout[:1, :1], block_size=bs, order=order, head_mode=modes)]
+    for plan in plans:
+        if split:
+            assert len(gather.split_bounds(int(plan.layout.sum(-1).max()), bs * 2 * 32 * dtype.itemsize)) > 2
+        nothing = check_lse(q, k, v, plan)
+        assert nothing.any() and not nothing.all()
+    # Without head modes, exactly the tokens of the emptied blocks (in the plan's order) attend nothing.
+    empty_tokens = torch.zeros(s, dtype=torch.bool)
+    empty_tokens[bs : 2 * bs] = empty_tokens[(n - 1) * bs :] = True
+    _, lse = kernels.run(q, k, v, plans[0], backend="gather", return_lse=True)
+    assert torch.equal(torch.isneginf(lse), empty_tokens.expand(b, h, s))

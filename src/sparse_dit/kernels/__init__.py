@@ -5,13 +5,14 @@ Backends (what each honours exactly is `capabilities.TABLE`):
   or 128, no model mask, forward only.
 - "gather": the CPU fast path: each query block's kept key blocks gathered and run through the CPU flash
   SDPA kernel, query blocks grouped by their key count (`kernels.gather`); variable-block plans one SDPA call
-  per query cluster over its kept key clusters' tokens (`kernels.varblock`). No low-bit Q·K, no model mask,
-  no LSE, no gradient, one head dim for q, k and v; no compilation.
+  per query cluster over its kept key clusters' tokens (`kernels.varblock`). The LSE on request, from the same
+  kernel calls (ring attention's shards). No low-bit Q·K, no model mask, no gradient, one head dim for q, k
+  and v; no compilation.
 - "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (runs on CPU and CUDA; slower
   than "gather" on CPU, see docs/benchmarks.md). Fixed blocks, no model mask; on CPU no LSE, no gradient.
 - "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
 - "auto": on CUDA "triton" where it honours the call, else "flex"; on CPU "gather" where it does; below
-  AUTO_MIN_SEQ tokens, and for what no fast path honours (low-bit Q·K on CPU, model masks, the LSE on
+  AUTO_MIN_SEQ tokens, and for what no fast path honours (low-bit Q·K on CPU, model masks, a gradient on
   CPU), "reference" (`capabilities.select_backend`).
 """
 
@@ -73,8 +74,8 @@ def run(
     backend = select_backend(plan, q, attn_mask, return_lse, backend, grad=grad, v_head_dim=v.shape[-1])
     if backend == "gather":
         if plan.q_bounds is not None or plan.k_bounds is not None:
-            return varblock.varblock_attention(q, k, v, plan, scale=scale)
-        return gather.gather_attention(q, k, v, plan, scale=scale)
+            return varblock.varblock_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
+        return gather.gather_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
     if backend == "triton":
         from .triton import triton_attention
 

@@ -98,9 +98,9 @@ TABLE: dict[str, tuple[Capabilities, ...]] = {
     ),
     # Gathered blocks through the CPU flash SDPA kernel: index_select(out=...) has no autograd, its key
     # splits call the CPU-only flash kernel, and it computes Q·K in the input dtype. That kernel takes one head
-    # dim for Q, K and V. Variable blocks run per query cluster (`kernels.varblock`).
+    # dim for Q, K and V, and returns the LSE. Variable blocks run per query cluster (`kernels.varblock`).
     "gather": (
-        _row(variable_blocks=True, quant=("none",), attn_mask=False, lse=False, grad=False, devices=("cpu",),
+        _row(variable_blocks=True, quant=("none",), attn_mask=False, lse=True, grad=False, devices=("cpu",),
              dtypes=(*_FLOATS, torch.float64), head_dims=None, v_head_dim=False),
     ),
     # Compiled FlexAttention over full kept blocks, Q and K fake-quantised beforehand. Inductor's CPU

@@ -8,6 +8,10 @@ by their log-sum-exp, as FlashDecoding merges its key splits. Block rows, gather
 in a per-thread workspace reused between calls, because fresh multi-MB buffers cost their first-touch page
 faults on every call. On 2 CPU cores this is 1.2-1.7x faster than compiled FlexAttention over the same plan
 (docs/benchmarks.md) and needs no compilation. The grouping is built once per plan and kept in `plan.cache`.
+
+With `return_lse` the same kernel calls also return each query's log-sum-exp (ring attention's shards,
+`kernels.lse`); without it an unsplit chunk goes through the SDPA entry point and computes no LSE at all.
+`merge_lse` is the one LSE merge of the CPU paths.
 """
 
 from __future__ import annotations
@@ -64,40 +68,74 @@ def groups(plan: AttentionPlan, batch: int, heads: int, device: torch.device) ->
 
 
 def attend_blocks(
-    qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, groups: list[_Group], scale: float | None, out: torch.Tensor | None = None
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    groups: list[_Group],
+    scale: float | None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The kernel proper. qb, kb, vb: (B*H*n, block, D) block rows; returns the output block rows (into `out` if given)."""
+    """The kernel proper. qb, kb, vb: (B*H*n, block, D) block rows; returns the output block rows (into `out` if
+    given). With `lse`, a float32 (B*H*n, block) buffer, also writes each query's log-sum-exp there (-inf, with
+    output 0, where its block keeps no key block)."""
     out = torch.empty_like(qb) if out is None else out
     bs, d = qb.shape[1:]
     for group in groups:
         kept = group.cols.shape[1]
         if kept == 0:  # query blocks that attend to nothing output zeros, as the reference does
             out[group.rows] = 0
+            if lse is not None:
+                lse[group.rows] = float("-inf")
             continue
         bounds = split_bounds(kept, bs * 2 * d * kb.element_size())
         parts = len(bounds) - 1
         for start in range(0, len(group.rows), CHUNK):
             rows = group.rows[start : start + CHUNK]
             q = torch.index_select(qb, 0, rows, out=_workspace("queries", (len(rows), bs, d), qb.dtype, qb.device))[:, None]
-            if parts == 1:
+            if parts == 1 and lse is None:  # the headline path: the SDPA entry point, no LSE taken
                 kg, vg, mask = _keys(kb, vb, group, start, 0, kept, bs)
                 out[rows] = F.scaled_dot_product_attention(q, kg, vg, attn_mask=mask, scale=scale)[:, 0]
                 continue
-            acc = lse = None
+            acc = acc_lse = None
             for lo, hi in zip(bounds[:-1], bounds[1:]):
-                kg, vg, mask = _keys(kb, vb, group, start, lo, hi, bs)
-                if mask is not None:  # the raw kernel takes an additive mask
-                    mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-                part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kg, vg, attn_mask=mask, scale=scale)
-                part, part_lse = part.float(), part_lse[..., None]
-                if acc is None:
-                    acc, lse = part, part_lse
-                else:
-                    merged = torch.logaddexp(lse, part_lse)
-                    acc = acc * (lse - merged).exp_() + part * (part_lse - merged).exp_()
-                    lse = merged
+                part, part_lse = flash_lse(q, *_keys(kb, vb, group, start, lo, hi, bs), scale)
+                acc, acc_lse = (part, part_lse) if acc is None else merge_lse(acc, acc_lse, part, part_lse)
             out[rows] = acc[:, 0].to(out.dtype)
+            if lse is not None:
+                lse[rows] = acc_lse[:, 0, :, 0]
     return out
+
+
+def flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+              scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU flash SDPA kernel with its log-sum-exp. q (R, 1, n, D), k, v (R, 1, L, D) with L > 0, valid an
+    optional bool key mask broadcastable to (R, 1, n, L). Returns out (R, 1, n, D) in q's dtype and lse float32
+    (R, 1, n, 1), shaped to broadcast against out (what `merge_lse` takes)."""
+    mask = None
+    if valid is not None:  # the raw kernel takes an additive mask
+        mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)[:2]
+    return out, lse.float()[..., None]
+
+
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+              lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint key sets from the attention over each: the one log-sum-exp merge of every
+    CPU path (key splits here and in `kernels.varblock`, ring attention's shards in `kernels.lse.merge`).
+
+    Args:
+        out_a, out_b: partial outputs, any dtype, of one shape (..., D).
+        lse_a, lse_b: their float32 log-sum-exps, broadcastable against the outputs (a trailing dim of 1).
+            A query that attends no key of a part has lse -inf there, its output ignored.
+    Returns:
+        (out float32, lse float32); a query that attends no key of either part gets 0 and -inf.
+    """
+    merged = torch.logaddexp(lse_a, lse_b)
+    # -inf - -inf is NaN: where neither part has a key, subtract 0 instead, so both weights are exp(-inf) = 0.
+    shift = merged.masked_fill(torch.isneginf(merged), 0.0)
+    out = out_a.float() * (lse_a - shift).exp_() + out_b.float() * (lse_b - shift).exp_()
+    return out, merged
 
 
 def split_bounds(kept: int, block_bytes: int) -> list[int]:
@@ -159,11 +197,16 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     return buffers[key][:numel].view(shape)
 
 
-def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float | None) -> torch.Tensor:
-    """Sparse attention by gathered SDPA. q, k, v: (B, S, H, D); returns (B, S, H, D)."""
+def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float | None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention by gathered SDPA. q, k, v: (B, S, H, D); returns (B, S, H, D) in q's dtype, and with
+    `return_lse` also the log-sum-exp of the scaled scores, float32 (B, H, S): -inf (output 0) for a query
+    that attends no key."""
     b, s, h, d = q.shape
     qb, kb, vb = block_rows(plan, q, k, v, reuse=True)
-    out = attend_blocks(qb, kb, vb, groups(plan, b, h, q.device), scale, out=_workspace("out", qb.shape, q.dtype, q.device))
-    out, _ = finish(plan, out.view(b, h, -1, d)[:, :, :s], None)
-    # The only fresh tensor: everything above lives in the workspace, which the next call overwrites.
-    return q.new_empty(b, s, h, d).copy_(out.transpose(1, 2))
+    lse = _workspace("lse", qb.shape[:2], torch.float32, q.device) if return_lse else None
+    out = attend_blocks(qb, kb, vb, groups(plan, b, h, q.device), scale, out=_workspace("out", qb.shape, q.dtype, q.device), lse=lse)
+    out, lse = finish(plan, out.view(b, h, -1, d)[:, :, :s], None if lse is None else lse.view(b, h, -1)[:, :, :s])
+    # The only fresh tensors: everything above lives in the workspace, which the next call overwrites.
+    out = q.new_empty(b, s, h, d).copy_(out.transpose(1, 2))
+    return (out, lse.clone()) if return_lse else out

@@ -7,139 +7,22 @@ restricts a plan to one (query range, key range) pair of the global sequence by 
 returns None without computing anything when no kept block meets both ranges, and otherwise the partial output
 with its LSE; `merge` combines the partials of every shard into the exact sparse attention.
 
-A shard is computed one of two ways:
-- fixed-block plans without a token order on the CPU (`block_sparse_lse`): queries and keys are padded at the
-  front to the global block grid, so every block of the shard is a global block or the part of one inside
-  the shard; the kept key blocks are gathered and run through the CPU flash kernel, which returns the LSE,
-  and the padding keys are masked, never attended;
-- any other plan or device: the shard becomes a plan of its own over variable blocks (each global block cut to
-  the shard's tokens, in the plan's orders), run by `kernels.run(..., return_lse=True)`: the Triton kernels on
-  CUDA, the reference elsewhere; on the CPU with backend "gather" (or "auto" on long sequences) by
-  `varblock_lse`, one flash-kernel call per query block. Its keys are padded to the queries' length in a block
-  that is never kept.
-
-`gather_attention_lse` is the same CPU kernel for a whole fixed-block plan: the gather path with an LSE.
+A shard becomes a plan of its own over variable blocks (`shard_plan`: each global block cut to the shard's
+tokens, in the plan's orders; its keys padded to the queries' length in a block that is never kept), run by
+`kernels.run(..., return_lse=True)`: the Triton kernels on CUDA; on the CPU the variable-block gather path
+(`kernels.varblock`, backend "gather", or "auto" on long sequences), else the reference. The kernels here are
+the backends' own: this module only cuts plans and merges (`gather.merge_lse`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 
 from ..errors import ConfigError
 from ..plan import HEAD_DENSE, HEAD_SKIP, AttentionPlan
-from .capabilities import AUTO_MIN_SEQ
-from .layout import finish, permute
-
-CHUNK = 16  # query blocks per flash-kernel call, as in `kernels.gather`
-
-
-def block_sparse_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: torch.Tensor,
-    block_size: int,
-    *,
-    scale: float | None = None,
-    key_start: int = 0,
-    key_stop: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention with its LSE on the CPU, over fixed blocks in the tensors' own order.
-
-    Args:
-        q: (B, Lq, H, D) queries, Lq = nq * block_size.
-        k, v: (B, Lk, H, D) keys and values, Lk = nk * block_size.
-        layout: bool (B', H', nq, nk), broadcastable to (B, H): True where query block i attends key block j.
-        key_start, key_stop: only keys at positions key_start..key_stop-1 exist; the others are padding, masked
-            wherever their block is kept (default: all Lk keys).
-    Returns:
-        out float32 (B, Lq, H, D) and lse float32 (B, H, Lq); a query that attends no key gets 0 and -inf.
-    """
-    b, lq, h, d = q.shape
-    lk, bs = k.shape[1], block_size
-    if lq % bs or lk % bs:
-        raise ConfigError(f"block_sparse_lse takes whole blocks: Lq={lq} and Lk={lk} must be multiples of {bs}")
-    nq, nk = lq // bs, lk // bs
-    key_stop = lk if key_stop is None else key_stop
-    qb, kb, vb = (x.transpose(1, 2).reshape(-1, bs, x.shape[-1]) for x in (q, k, v))
-    flat = layout.to(q.device).expand(b, h, nq, nk).reshape(b * h * nq, nk)
-    counts = flat.sum(dim=-1)
-    # Kept blocks first, ascending, as in `kernels.gather.groups`.
-    order = torch.argsort((~flat).to(torch.int8), dim=-1, stable=True)
-    base = (torch.arange(flat.shape[0], device=q.device) // nq * nk)[:, None]
-    positions = torch.arange(lk, device=q.device).view(nk, bs)
-    valid = (positions >= key_start) & (positions < key_stop)
-    out = torch.zeros(b * h * nq, bs, v.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.full((b * h * nq, bs), float("-inf"), dtype=torch.float32, device=q.device)
-    for kept in counts.unique().tolist():
-        if kept == 0:
-            continue
-        group = (counts == kept).nonzero().flatten()
-        for start in range(0, len(group), CHUNK):
-            rows = group[start : start + CHUNK]
-            cols = order[rows, :kept]
-            flat_cols = (cols + base[rows]).flatten()
-            r = len(rows)
-            kg = kb.index_select(0, flat_cols).view(r, 1, kept * bs, d)
-            vg = vb.index_select(0, flat_cols).view(r, 1, kept * bs, vb.shape[-1])
-            ok = valid[cols].view(r, 1, 1, kept * bs)
-            # The raw CPU flash kernel takes an additive mask and returns the LSE beside the output.
-            mask = None if bool(ok.all()) else torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
-            part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qb.index_select(0, rows)[:, None], kg, vg, attn_mask=mask, scale=scale)[:2]
-            out[rows] = part[:, 0].float()
-            lse[rows] = part_lse[:, 0].float()
-            if mask is not None:  # a block row whose kept keys are all padding attends nothing
-                dead = ~ok.view(r, -1).any(dim=-1)
-                if bool(dead.any()):
-                    out[rows[dead]] = 0.0
-                    lse[rows[dead]] = float("-inf")
-    return out.view(b, h, lq, -1).transpose(1, 2), lse.view(b, h, lq)
-
-
-def varblock_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *,
-                 scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention with its LSE on the CPU over any blocks: one flash-kernel call per query block with
-    the tokens of its kept key blocks. For the shards of plans with an order or variable blocks.
-
-    Args:
-        q, k, v: (B, S, H, D) already in the plan's order; the plan has no order or head modes of its own.
-    Returns:
-        out float32 (B, S, H, D) and lse float32 (B, H, S); a query that attends no key gets 0 and -inf.
-    """
-    if plan.order is not None or _key_order(plan) is not None or plan.head_mode is not None or plan.quant != "none":
-        raise ConfigError("varblock_lse takes plans without orders, head modes or low-bit Q·K")
-    b, s, h, d = q.shape
-    nq, nk = plan.num_blocks
-
-    def edges(axis: str) -> list:
-        lengths = plan.block_lengths(axis).expand(b, h, -1)
-        return torch.cat([torch.zeros_like(lengths[..., :1]), lengths.cumsum(-1)], dim=-1).tolist()
-
-    q_edges, k_edges = edges("q"), edges("k")
-    layout = plan.layout.expand(b, h, nq, nk).cpu()
-    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    out = torch.zeros(b, h, s, v.shape[-1], dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
-    for bi in range(b):
-        for hi in range(h):
-            qe, ke = q_edges[bi][hi], k_edges[bi][hi]
-            for i, cols in enumerate(layout[bi, hi].tolist()):
-                if qe[i + 1] == qe[i]:
-                    continue
-                keys = [torch.arange(ke[j], ke[j + 1]) for j, kept in enumerate(cols) if kept and ke[j + 1] > ke[j]]
-                if not keys:
-                    continue
-                index = torch.cat(keys).to(q.device)
-                part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    qh[bi, hi, qe[i] : qe[i + 1]][None, None], kh[bi, hi, index][None, None],
-                    vh[bi, hi, index][None, None], scale=scale)[:2]
-                out[bi, hi, qe[i] : qe[i + 1]] = part[0, 0].float()
-                lse[bi, hi, qe[i] : qe[i + 1]] = part_lse[0, 0].float()
-    return out.transpose(1, 2), lse
+from . import gather
 
 
 def _fold_head_modes(plan: AttentionPlan) -> torch.Tensor:
@@ -168,14 +51,7 @@ def gather_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
     """
     if plan.q_bounds is not None or plan.k_bounds is not None or plan.quant != "none":
         raise ConfigError("gather_attention_lse takes fixed-block plans with plan.quant='none'; use kernels.run")
-    b, s, h, d = q.shape
-    bs = plan.block_size
-    n = plan.num_blocks[0]
-    padded = n * bs - s
-    qh, kh, vh = (torch.nn.functional.pad(x, (0, 0, 0, padded)) for x in permute(plan, *(x.transpose(1, 2) for x in (q, k, v))))
-    out, lse = block_sparse_lse(*(x.transpose(1, 2) for x in (qh, kh, vh)), _fold_head_modes(plan), bs, scale=scale, key_stop=s)
-    out, lse = finish(plan, out.transpose(1, 2)[:, :, :s], lse[..., :s])
-    return out.transpose(1, 2).to(q.dtype), lse
+    return gather.gather_attention(q, k, v, plan, scale=scale, return_lse=True)
 
 
 def _axis_blocks(plan: AttentionPlan, axis: str, start: int, length: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -249,14 +125,6 @@ def shard_plan(plan: AttentionPlan, q_start: int, q_len: int, k_start: int, k_le
     return sub, q_perm, k_perm
 
 
-def _fast_cpu(plan: AttentionPlan, q: torch.Tensor, backend: str, longest: int) -> bool:
-    if q.device.type != "cpu" or plan.q_bounds is not None or plan.k_bounds is not None or plan.order is not None:
-        return False
-    if _key_order(plan) is not None or plan.quant != "none":
-        return False
-    return backend == "gather" or (backend == "auto" and longest >= AUTO_MIN_SEQ)
-
-
 def shard_attention(
     plan: AttentionPlan,
     q: torch.Tensor,
@@ -274,8 +142,7 @@ def shard_attention(
         plan: the plan of the whole sequence (S = plan.seq_len tokens).
         q: (B, Sq, H, D), the plan's queries q_start..q_start+Sq-1 (original order).
         k, v: (B, Sk, Hkv, D), its keys and values k_start..k_start+Sk-1; Hkv may divide H (grouped-query).
-        backend: the kernel backend (see `kernels.run`); "auto" and "gather" on the CPU run fixed-block plans
-            without an order through `block_sparse_lse`.
+        backend: the kernel backend that runs the shard's variable-block plan (see `kernels.run`).
     Returns:
         out float32 (B, Sq, H, D) and lse float32 (B, H, Sq), a query that keeps no key of the shard getting 0
         and -inf; or None when no kept block meets both ranges (nothing was computed).
@@ -286,8 +153,6 @@ def shard_attention(
     sk = k.shape[1]
     if k.shape[2] != h:
         k, v = (x.repeat_interleave(h // x.shape[2], dim=2) for x in (k, v))
-    if _fast_cpu(plan, q, backend, max(sq, sk)):
-        return _fixed_shard(plan, q, k, v, q_start, k_start, scale)
     found = shard_plan(plan, q_start, sq, k_start, sk)
     if found is None:
         return None
@@ -295,38 +160,14 @@ def shard_attention(
     length = sub.seq_len
     qp = torch.nn.functional.pad(_reorder_tokens(q, q_perm), (0, 0, 0, 0, 0, length - sq))
     kp, vp = (torch.nn.functional.pad(_reorder_tokens(x, k_perm), (0, 0, 0, 0, 0, length - sk)) for x in (k, v))
-    if q.device.type == "cpu" and (backend == "gather" or (backend == "auto" and length >= AUTO_MIN_SEQ)):
-        out, lse = varblock_lse(qp, kp, vp, sub, scale=scale)  # no CPU backend of kernels.run returns the LSE fast
-    else:
-        out, lse = run(qp, kp, vp, sub, backend=backend, scale=scale, return_lse=True)
+    out, lse = run(qp, kp, vp, sub, backend=backend, scale=scale, return_lse=True)
     out, lse = out[:, :sq].float(), lse[..., :sq].float()
     if q_perm is not None:
         inverse = torch.argsort(q_perm, dim=-1)
         out = _reorder_tokens(out, inverse)
         lse = lse.gather(-1, inverse.to(lse.device).expand(b, h, sq))
-    # A query without kept keys here is a 0/0 softmax (NaN in the reference): it contributes nothing.
+    # A query without kept keys here contributes nothing: 0 whatever the backend computed for its empty softmax.
     return out.masked_fill(torch.isneginf(lse).transpose(1, 2)[..., None], 0.0), lse
-
-
-def _fixed_shard(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
-                 scale: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`shard_attention` of a fixed-block plan without an order, by `block_sparse_lse` on the global block grid."""
-    bs = plan.block_size
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    q_block, k_block = q_start // bs, k_start // bs
-    q_pad, k_pad = q_start - q_block * bs, k_start - k_block * bs  # tokens of the first block before the shard
-    nq, nk = math.ceil((q_pad + sq) / bs), math.ceil((k_pad + sk) / bs)
-    layout = _fold_head_modes(plan)[..., q_block : q_block + nq, k_block : k_block + nk]
-    if not bool(layout.any()):
-        return None
-
-    def on_grid(x: torch.Tensor, front: int, blocks: int) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, 0, 0, 0, front, blocks * bs - front - x.shape[1]))
-
-    out, lse = block_sparse_lse(on_grid(q, q_pad, nq), on_grid(k, k_pad, nk), on_grid(v, k_pad, nk), layout, bs,
-                                scale=scale, key_start=k_pad, key_stop=k_pad + sk)
-    return out[:, q_pad : q_pad + sq], lse[..., q_pad : q_pad + sq]
 
 
 def merge(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,14 +181,11 @@ def merge(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     """
     acc = acc_lse = None
     for out, lse in parts:
+        weight = lse.transpose(1, 2)[..., None]  # (B, S, H, 1): broadcasts against out
         if acc is None:
-            acc, acc_lse = out, lse
-            continue
-        merged = torch.logaddexp(acc_lse, lse)
-        none = torch.isneginf(merged)  # -inf - -inf is NaN: such queries keep 0
-        old = torch.where(none, 0.0, (acc_lse - merged).exp()).transpose(1, 2)[..., None]
-        new = torch.where(none, 0.0, (lse - merged).exp()).transpose(1, 2)[..., None]
-        acc, acc_lse = acc * old + out * new, merged
+            acc, acc_lse = out, weight
+        else:
+            acc, acc_lse = gather.merge_lse(acc, acc_lse, out, weight)
     if acc is None:
         raise ConfigError("merge needs at least one partial attention")
-    return acc, acc_lse
+    return acc, acc_lse[..., 0].transpose(1, 2)

@@ -6,7 +6,8 @@ kept count) does not apply. Instead, per (batch row, head) and query cluster, th
 clusters are concatenated into one index, the keys and values gathered into a per-thread workspace, and the
 cluster's queries run through the CPU flash SDPA kernel against them. The SDPA kernel tiles the queries itself,
 so one call serves a cluster of any size; where a cluster's keys and values would not stay in a core's L2 they
-are split and merged by log-sum-exp, as `gather.attend_blocks` does.
+are split and merged by log-sum-exp (`gather.merge_lse`), as `gather.attend_blocks` does. With `return_lse` the
+same calls also return each query's log-sum-exp (ring attention's shards, `kernels.lse`).
 
 The plan's token orders are never applied to the tensors: they are composed into the gather indices instead
 (the keys of cluster j are `key_order[k_bounds[j]:k_bounds[j + 1]]` in the original order, and a cluster's
@@ -147,27 +148,26 @@ def _flat_order(order: torch.Tensor | None, b: int, h: int, s: int, device: torc
     return None if order is None else order.to(device).long().expand(b, h, s).reshape(b * h, s)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+            with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (1, 1, n, D) over k, v (1, 1, L, D), L > 0, the keys split where they would not stay in a
-    core's L2 (`gather.KV_BYTES`) and the parts merged by their log-sum-exp: (1, 1, n, D), float32 where split."""
+    core's L2 (`gather.KV_BYTES`) and the parts merged by their log-sum-exp. Returns out (1, 1, n, D), float32
+    where split, and with `with_lse` the float32 LSE (1, 1, n, 1), else None."""
     bounds = gather.split_bounds(k.shape[2], 2 * k.shape[3] * k.element_size())
-    if len(bounds) == 2:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if len(bounds) == 2 and not with_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     acc = lse = None
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k[:, :, lo:hi], v[:, :, lo:hi], scale=scale)
-        part, part_lse = part.float(), part_lse[..., None]
-        if acc is None:
-            acc, lse = part, part_lse
-        else:
-            merged = torch.logaddexp(lse, part_lse)
-            acc = acc * (lse - merged).exp_() + part * (part_lse - merged).exp_()
-            lse = merged
-    return acc
+        part, part_lse = gather.flash_lse(q, k[:, :, lo:hi], v[:, :, lo:hi], None, scale)
+        acc, lse = (part, part_lse) if acc is None else gather.merge_lse(acc, lse, part, part_lse)
+    return acc, lse
 
 
-def varblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float | None) -> torch.Tensor:
-    """Sparse attention of a variable-block plan by per-cluster gathered SDPA. q, k, v: (B, S, H, D); returns (B, S, H, D).
+def varblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float | None,
+                       return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention of a variable-block plan by per-cluster gathered SDPA. q, k, v: (B, S, H, D); returns
+    (B, S, H, D) in q's dtype, and with `return_lse` also the log-sum-exp of the scaled scores, float32 (B, H, S):
+    -inf (output 0) for a query that attends no key.
 
     Also exact for fixed-block plans, which `kernels.gather` runs faster.
     """
@@ -180,11 +180,17 @@ def varblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
     qf, kf, vf = flat
     work = schedule(plan, b, h, q.device)
     out = gather._workspace("out", (b * h * s, d), q.dtype, q.device)
+    lse = gather._workspace("lse", (b * h * s,), torch.float32, q.device) if return_lse else None
     for rows in work.zero:
         if isinstance(rows, slice):
             out[rows] = 0
         else:
             out.index_fill_(0, rows, 0)
+        if lse is not None:
+            if isinstance(rows, slice):
+                lse[rows] = float("-inf")
+            else:
+                lse.index_fill_(0, rows, float("-inf"))
     # One buffer each, taken once: per item a slice of it (a cluster's loop costs tens of microseconds in all).
     queries = gather._workspace("queries", (work.most_queries, d), q.dtype, q.device)
     keys = gather._workspace("keys", (work.most_keys, d), k.dtype, k.device)
@@ -199,10 +205,16 @@ def varblock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: 
         else:
             kg = torch.index_select(kf, 0, k_rows, out=keys[: len(k_rows)])
             vg = torch.index_select(vf, 0, k_rows, out=values[: len(k_rows)])
-        result = _attend(qg[None, None], kg[None, None], vg[None, None], scale)[0, 0]
+        result, result_lse = _attend(qg[None, None], kg[None, None], vg[None, None], scale, lse is not None)
+        result = result[0, 0]
         if isinstance(q_rows, slice):
             out[q_rows] = result
+            if lse is not None:
+                lse[q_rows] = result_lse[0, 0, :, 0]
         else:
             out.index_copy_(0, q_rows, result if result.dtype == out.dtype else result.to(out.dtype))
-    # The only fresh tensor: everything above lives in the workspace, which the next call overwrites.
-    return q.new_empty(b, s, h, d).copy_(out.view(b, h, s, d).transpose(1, 2))
+            if lse is not None:
+                lse.index_copy_(0, q_rows, result_lse[0, 0, :, 0])
+    # The only fresh tensors: everything above lives in the workspace, which the next call overwrites.
+    out = q.new_empty(b, s, h, d).copy_(out.view(b, h, s, d).transpose(1, 2))
+    return (out, lse.view(b, h, s).clone()) if return_lse else out
