@@ -95,8 +95,8 @@ def ring_backends(device: torch.device | str) -> list[str]:
     able = []
     for backend in BACKENDS:
         row = None if backend == "auto" else backend_capabilities(backend, kind)
-        # Shards cut blocks at their edges: variable blocks with the LSE, or on the CPU the LSE gather path.
-        if backend == "auto" or (backend == "gather" and kind == "cpu") or (row is not None and row.lse and row.variable_blocks):
+        # Shards cut blocks at their edges, so a shard's plan has variable blocks and must return its LSE.
+        if backend == "auto" or (row is not None and row.lse and row.variable_blocks):
             able.append(backend)
     return able
 
