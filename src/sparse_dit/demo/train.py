@@ -34,10 +34,10 @@ CAPTION_DROPOUT = 0.1  # share of unconditional examples, for classifier-free gu
 CLIP_FRAMES = 16  # the length a motion is rendered over; shorter stages train on a window of it
 FINAL_LR = 0.1  # the cosine schedule ends at this fraction of the peak rate
 DEFAULT_STAGES = "16x32:2:4000,16x64:2:600"
-# The self-attention QK-norm gains rise from 1 to 3.0 over these steps, after the captioned motion is learned at 1,
-# and stay there: a query-key logit can then reach 3.0^2 * 8 = 72 and attention concentrates as a real video
+# The self-attention QK-norm gains rise from 1 to 3.5 over these steps, after the captioned motion is learned at 1,
+# and stay there: a query-key logit can then reach 3.5^2 * 8 = 98 and attention concentrates as a real video
 # DiT's does (docs/demo_model.md, "Concentrated attention").
-DEFAULT_QK_GAIN = 3.0
+DEFAULT_QK_GAIN = 3.5
 DEFAULT_QK_GAIN_RAMP = (1500, 3000)
 
 
