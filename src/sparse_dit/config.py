@@ -28,15 +28,25 @@ def _triton_usable() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _is_int(value: Any) -> bool:
-    # bool is an int to Python; block_size=True is a mistake, not a block of 1.
+def is_int(value: Any) -> bool:
+    """An int and not a bool: bool is an int to Python, and block_size=True is a mistake, not a block of 1."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_fraction(value: Any) -> bool:
+    """A float in (0, 1]: a size given as a share of an axis, where an int is a size in tokens."""
+    return isinstance(value, float) and 0.0 < value <= 1.0
 
 
 def check_int_tuple(name: str, value: Any, length: int, minimum: int, allow_full: bool = False) -> tuple[int, ...]:
     """Normalise an int or a sequence of ints to a tuple of `length`; -1 means "the whole axis" if allowed."""
     values = (value,) * length if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
-    ok = len(values) == length and all(_is_int(v) and (v >= minimum or (allow_full and v == -1))
+    ok = len(values) == length and all(is_int(v) and (v >= minimum or (allow_full and v == -1))
                                        for v in values)
     expected = f"an int or {length} ints, each >= {minimum}" + (" or -1 (whole axis)" if allow_full else "")
     _check(ok, name, value, expected)
@@ -83,22 +93,22 @@ class SparseAttentionConfig:
         else:
             _check(steps >= 0, "dense_steps", steps, "an int count >= 0 or a fraction in [0, 1]")
         layers = self.dense_layers
-        layers = (layers,) if _is_int(layers) else tuple(layers) if isinstance(layers, (tuple, list, range)) else None
-        _check(layers is not None and all(_is_int(i) and i >= 0 for i in layers), "dense_layers", self.dense_layers,
+        layers = (layers,) if is_int(layers) else tuple(layers) if isinstance(layers, (tuple, list, range)) else None
+        _check(layers is not None and all(is_int(i) and i >= 0 for i in layers), "dense_layers", self.dense_layers,
                "an int or a sequence of layer indices >= 0")
         object.__setattr__(self, "dense_layers", layers)
-        _check(_is_int(self.min_seq_len) and self.min_seq_len >= 0, "min_seq_len", self.min_seq_len, "an int >= 0")
-        _check(_is_int(self.block_size) and self.block_size >= 1, "block_size", self.block_size, "an int >= 1 (64 or 128 on GPU)")
+        _check(is_int(self.min_seq_len) and self.min_seq_len >= 0, "min_seq_len", self.min_seq_len, "an int >= 0")
+        _check(is_int(self.block_size) and self.block_size >= 1, "block_size", self.block_size, "an int >= 1 (64 or 128 on GPU)")
         _check(isinstance(self.backend, str) and self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
         if self.backend == "triton" and not _triton_usable():
             raise ConfigError("backend='triton' needs a CUDA GPU and the triton package, and this machine lacks one of them; "
                               "use backend='auto', which picks the fastest backend this machine has")
         n = self.num_inference_steps
-        _check(n is None or (_is_int(n) and n >= 1), "num_inference_steps", n, "None or an int >= 1")
-        _check(_is_int(self.replan_every) and self.replan_every >= 1, "replan_every", self.replan_every, "an int >= 1")
+        _check(n is None or (is_int(n) and n >= 1), "num_inference_steps", n, "None or an int >= 1")
+        _check(is_int(self.replan_every) and self.replan_every >= 1, "replan_every", self.replan_every, "an int >= 1")
         if self.replan_steps is not None:
-            steps = (self.replan_steps,) if _is_int(self.replan_steps) else self.replan_steps
-            ok = isinstance(steps, (tuple, list)) and all(_is_int(i) and i >= 0 for i in steps)
+            steps = (self.replan_steps,) if is_int(self.replan_steps) else self.replan_steps
+            ok = isinstance(steps, (tuple, list)) and all(is_int(i) and i >= 0 for i in steps)
             _check(ok, "replan_steps", self.replan_steps, "None or step indices >= 0")
             object.__setattr__(self, "replan_steps", tuple(sorted(set(steps))))
 

@@ -25,7 +25,7 @@ from typing import ClassVar, Hashable
 
 import torch
 
-from ..config import SparseAttentionConfig
+from ..config import SparseAttentionConfig, is_int
 from ..errors import ConfigError
 from ..plan import AttentionPlan
 from ..state import SiteState
@@ -33,10 +33,6 @@ from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 
 MAX_BOXES = 5  # boxes per raster range on a 3-D grid: partial row, partial frame, whole frames, frame, row
 _QUERY_CHUNK = 64  # query blocks per step of the box test, so memory stays O(chunk * n) on long sequences
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -66,7 +62,7 @@ class ClearConfig(SparseAttentionConfig):
     def radius_squared(self, grid: tuple[int, int, int]) -> int:
         """The largest integer squared distance inside the circle on `grid`: floor(r^2) tokens^2."""
         _, h, w = grid
-        r = float(self.radius) if _is_int(self.radius) else self.radius * max(h, w)
+        r = float(self.radius) if is_int(self.radius) else self.radius * max(h, w)
         # 1e-9: a relative radius whose r^2 is an integer up to rounding (0.5 * 8 = 4 -> 16) keeps that distance.
         return math.floor(r * r + 1e-9)
 
@@ -75,7 +71,7 @@ class ClearConfig(SparseAttentionConfig):
         f = grid[0]
         if self.temporal_extent == -1:
             return f
-        if _is_int(self.temporal_extent):
+        if is_int(self.temporal_extent):
             return self.temporal_extent
         return math.floor(self.temporal_extent * f + 1e-9)
 
@@ -83,7 +79,7 @@ class ClearConfig(SparseAttentionConfig):
 def _check_extent(name: str, value: object, allow_all: bool) -> None:
     """Raise `ConfigError` unless `value` is an int >= 0 (tokens), a float in (0, 1] (relative) or, if
     `allow_all`, -1."""
-    if _is_int(value):
+    if is_int(value):
         ok = value >= 0 or (allow_all and value == -1)
     else:
         ok = isinstance(value, float) and 0.0 < value <= 1.0

@@ -26,11 +26,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Hashable, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, ClassVar, Hashable, Literal, Mapping, Union
 
 import torch
 
-from ..config import SparseAttentionConfig
+from ..config import SparseAttentionConfig, is_fraction, is_int
 from ..errors import ConfigError
 from ..plan import AttentionPlan
 from ..state import SiteState
@@ -43,16 +43,8 @@ AxisSpec = Union[Number, tuple]  # a scalar (every axis longer than 1 token) or 
 OPTIONS = ("kernel_size", "stride", "dilation", "is_causal")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_fraction(v: Any) -> bool:
-    return isinstance(v, float) and 0.0 < v <= 1.0
-
-
 def _check_value(name: str, v: Any, fractions: bool, whole: bool) -> None:
-    ok = (_is_int(v) and (v >= 1 or (whole and v == -1))) or (fractions and _is_fraction(v))
+    ok = (is_int(v) and (v >= 1 or (whole and v == -1))) or (fractions and is_fraction(v))
     if not ok:
         allowed = "an int >= 1" + (", -1" if whole else "") + (", a fraction in (0, 1]" if fractions else "")
         raise ConfigError(f"gna {name}={v!r} is invalid: each value must be {allowed}")
@@ -150,7 +142,7 @@ def _check_stride_fits(kernel: AxisSpec | None, stride: AxisSpec | None) -> None
         return
     for a in range(3):
         k, s = _per_axis(kernel, a), _per_axis(stride, a)
-        if _is_int(k) and _is_int(s) and k >= 1 and s > k:
+        if is_int(k) and is_int(s) and k >= 1 and s > k:
             raise ConfigError(f"gna stride {s} is larger than kernel_size {k} on axis {AXES[a]}: strided queries share "
                               "one window, so the stride must be <= the kernel (stride = kernel is blocked attention)")
 
@@ -226,7 +218,7 @@ class GnaConfig(SparseAttentionConfig):
             raise ConfigError(f"gna order={self.order!r} must be 'tiled' or 'raster'")
         if self.tile is not None:
             tile = tuple(self.tile) if isinstance(self.tile, (tuple, list)) else ()
-            if len(tile) != 3 or not all(_is_int(t) and t >= 1 for t in tile) or math.prod(tile) != self.block_size:
+            if len(tile) != 3 or not all(is_int(t) and t >= 1 for t in tile) or math.prod(tile) != self.block_size:
                 raise ConfigError(f"gna tile={self.tile!r} must be three ints >= 1 whose product is block_size={self.block_size}")
             object.__setattr__(self, "tile", tile)
 

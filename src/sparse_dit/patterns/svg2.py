@@ -42,7 +42,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from ..config import SparseAttentionConfig
+from ..config import SparseAttentionConfig, is_int, is_number
 from ..errors import ConfigError
 from ..ops import kmeans_assign, kmeans_update, top_p_select
 from ..plan import AttentionPlan
@@ -52,14 +52,6 @@ from .base import PlanContext, Planner, register_method
 # Tokens per cluster behind the default counts: the anchor's Wan 2.1 720p script (qc 300, kc 1000 on 75,600).
 Q_CLUSTER_TOKENS = 256
 K_CLUSTER_TOKENS = 75
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -101,21 +93,21 @@ class Svg2Config(SparseAttentionConfig):
         super().__post_init__()
         for name in ("num_q_centroids", "num_k_centroids"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value >= 1):
+            if value is not None and not (is_int(value) and value >= 1):
                 raise ConfigError(f"{name}={value!r} is out of range: expected None (scaled to the video tokens) or an int >= 1")
         for name in ("q_cluster_tokens", "k_cluster_tokens", "kmeans_iter_init", "kmeans_iter_step"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise ConfigError(f"{name}={value!r} is out of range: expected an int >= 1")
-        if not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
+        if not (is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ConfigError(f"top_p={self.top_p!r} is out of range: expected a cumulative share in (0, 1] (1.0 keeps every key cluster)")
-        if self.density is not None and not (_is_number(self.density) and 0.0 < self.density <= 1.0):
+        if self.density is not None and not (is_number(self.density) and 0.0 < self.density <= 1.0):
             raise ConfigError(f"density={self.density!r} is out of range: expected None (use top_p) or a fraction of the video keys in (0, 1]")
-        if not (_is_number(self.min_kc_ratio) and 0.0 <= self.min_kc_ratio <= 1.0):
+        if not (is_number(self.min_kc_ratio) and 0.0 <= self.min_kc_ratio <= 1.0):
             raise ConfigError(f"min_kc_ratio={self.min_kc_ratio!r} is out of range: expected a fraction of the key clusters in [0, 1]")
-        if self.scale is not None and not (_is_number(self.scale) and self.scale > 0):
+        if self.scale is not None and not (is_number(self.scale) and self.scale > 0):
             raise ConfigError(f"scale={self.scale!r} must be None (D ** -0.5) or a positive number")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ConfigError(f"seed={self.seed!r} must be an int")
 
     def cluster_counts(self, num_video_tokens: int) -> tuple[int, int]:

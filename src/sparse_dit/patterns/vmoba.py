@@ -73,7 +73,7 @@ from typing import Any, ClassVar, Literal, Union
 import torch
 import torch.nn.functional as F
 
-from ..config import SparseAttentionConfig
+from ..config import SparseAttentionConfig, is_fraction, is_int
 from ..errors import ConfigError
 from ..ops import SHARE_TOL, block_mean_pool
 from ..plan import AttentionPlan
@@ -88,18 +88,10 @@ Size = Union[int, float]
 _SITE_LAYER = re.compile(r"\.(\d+)\.")  # "transformer.blocks.12.attn1" -> 12, the module list index
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_fraction(v: Any) -> bool:
-    return isinstance(v, float) and 0.0 < v <= 1.0
-
-
 def _check_sizes(name: str, value: Any, length: int) -> tuple:
     values = (value,) if length == 1 and not isinstance(value, (tuple, list)) else value
     ok = isinstance(values, (tuple, list)) and len(values) == length and all(
-        (_is_int(v) and v >= 1) or _is_fraction(v) for v in values)
+        (is_int(v) and v >= 1) or is_fraction(v) for v in values)
     if not ok:
         what = "an int >= 1 (tokens) or a float in (0, 1] (a fraction of the axis)"
         expected = what if length == 1 else f"{length} values, each {what}"
@@ -110,7 +102,7 @@ def _check_sizes(name: str, value: Any, length: int) -> tuple:
 def axis_extent(size: Size, length: int) -> int:
     """Tokens per chunk along an axis of `length` tokens: an int is clipped to the axis, a fraction f gives
     max(1, round(f * length)) (halves round up)."""
-    if _is_int(size):
+    if is_int(size):
         return min(size, length)
     return min(length, max(1, math.floor(size * length + 0.5)))
 
@@ -183,7 +175,7 @@ class VmobaConfig(SparseAttentionConfig):
     def topk_count(self, kind: Kind, num_chunks: int) -> int:
         """Chunks kept per query block (its own included) for `kind` when the layer has `num_chunks` chunks."""
         k = self.topk[KINDS.index(kind)]
-        k = k if _is_int(k) else math.floor(k * num_chunks + 0.5)
+        k = k if is_int(k) else math.floor(k * num_chunks + 0.5)
         return max(1, min(num_chunks, k))
 
 
