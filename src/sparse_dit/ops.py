@@ -193,7 +193,7 @@ def _block_sums(x: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
     return out
 
 
-def top_p_select(scores: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_select(scores: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Per row, the fewest entries, highest first, whose cumulative share of the row's total reaches p.
 
     An entry is kept when the entries ranked above it hold less than p of the row; the top entry is always
@@ -201,7 +201,8 @@ def top_p_select(scores: torch.Tensor, p: float) -> torch.Tensor:
 
     Args:
         scores: (..., n), non-negative (block mass, similarities after softmax); rows need not sum to 1.
-        p: the share to reach, in (0, 1].
+        p: the share to reach, in (0, 1]: a float, or a tensor broadcasting against scores' (..., 1), e.g.
+            (B, H, 1, 1) for a share per head.
     Returns:
         bool (..., n).
     """

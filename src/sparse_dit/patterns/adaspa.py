@@ -36,7 +36,7 @@ import torch
 
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
-from ..ops import CHUNK_ROWS, SHARE_TOL, block_attention_mass
+from ..ops import CHUNK_ROWS, block_attention_mass, top_p_select
 from ..plan import AttentionPlan
 from ..state import SiteState, SiteStates
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
@@ -68,8 +68,20 @@ def check_scale(method: str, scale: Any) -> None:
         raise ConfigError(f"{method}: scale={scale!r} must be None (D ** -0.5) or a positive number")
 
 
+class ThresholdOrDensity:
+    """The budget rule of the configs whose methods keep blocks up to a cumulative `threshold` or a `density`
+    (`adaspa`, `xattention`); mixed into a `SparseAttentionConfig` with those two fields."""
+
+    @property
+    def effective_threshold(self) -> float | None:
+        """The cumulative threshold in use: `threshold`, 0.9 when neither it nor `density` is set, else None."""
+        if self.density is not None:
+            return None
+        return DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
+
+
 @dataclass(frozen=True)
-class AdaSpaConfig(SparseAttentionConfig):
+class AdaSpaConfig(SparseAttentionConfig, ThresholdOrDensity):
     """Config of the `adaspa` method.
 
     Attributes:
@@ -132,13 +144,6 @@ class AdaSpaConfig(SparseAttentionConfig):
                                   "step and 60% of the run, as the paper); to schedule them with replan_every or "
                                   "replan_steps instead, pass search_steps=None")
 
-    @property
-    def effective_threshold(self) -> float | None:
-        """The cumulative threshold in use: `threshold`, 0.9 when neither it nor `density` is set, else None."""
-        if self.density is not None:
-            return None
-        return DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
-
 
 def dense_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *, chunk_rows: int | None = None) -> torch.Tensor:
     """Log-sum-exp of every row of dense attention's scaled scores, chunk by chunk of query rows.
@@ -187,13 +192,8 @@ def select_by_threshold(mass: torch.Tensor, thresholds: torch.Tensor | float) ->
     """
     p = torch.as_tensor(thresholds, dtype=torch.float64, device=mass.device)
     p = p.view(*p.shape, 1, 1) if p.dim() == 2 else p
-    values, index = mass.sort(dim=-1, descending=True, stable=True)
-    values = values.double()
-    cumulative = values.cumsum(dim=-1)
-    before = cumulative - values
-    keep_sorted = (before < (p - SHARE_TOL) * cumulative[..., -1:]) | (p >= 1.0)
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter_(-1, index, keep_sorted)
+    # In float64, as the per-head budgets are; a threshold of 1 keeps the blocks whose mass rounds to 0 too.
+    return top_p_select(mass.double(), p) | (p >= 1.0)
 
 
 def select_by_count(mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -406,5 +406,5 @@ class AdaSpaPlanner(Planner):
         return plan
 
 
-__all__ = ["AdaSpaConfig", "AdaSpaPlanner", "add_selection_time", "dense_lse", "head_budgets", "head_recall",
-           "search_log", "select_by_count", "select_by_threshold", "selection_overlap", "sync_clock"]
+__all__ = ["AdaSpaConfig", "AdaSpaPlanner", "ThresholdOrDensity", "add_selection_time", "dense_lse", "head_budgets",
+           "head_recall", "search_log", "select_by_count", "select_by_threshold", "selection_overlap", "sync_clock"]

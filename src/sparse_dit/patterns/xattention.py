@@ -34,7 +34,7 @@ from ..config import SparseAttentionConfig
 from ..errors import ConfigError, ShapeError
 from ..plan import AttentionPlan
 from ..state import SiteState
-from .adaspa import (DEFAULT_THRESHOLD, add_selection_time, check_budget, check_scale, select_by_count, select_by_threshold,
+from .adaspa import (ThresholdOrDensity, add_selection_time, check_budget, check_scale, select_by_count, select_by_threshold,
                      sync_clock)
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 
@@ -43,7 +43,7 @@ SCORE_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
-class XAttentionConfig(SparseAttentionConfig):
+class XAttentionConfig(SparseAttentionConfig, ThresholdOrDensity):
     """Config of the `xattention` method.
 
     Attributes:
@@ -72,13 +72,6 @@ class XAttentionConfig(SparseAttentionConfig):
         if self.block_size % self.stride:
             raise ConfigError(f"xattention: block_size={self.block_size} must be a multiple of stride={self.stride}, so "
                               "every block holds whole antidiagonal groups; pick e.g. stride=8 with block_size=64")
-
-    @property
-    def effective_threshold(self) -> float | None:
-        """The cumulative threshold in use: `threshold`, 0.9 when neither it nor `density` is set, else None."""
-        if self.density is not None:
-            return None
-        return DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
 
 
 def _grouped(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
