@@ -13,7 +13,7 @@ from sparse_dit.evals.report import PLOT_COLOUR, TABLE_HEAD_COLOUR
 ARGS = ["eval", "--methods", "dense,window,random", "--config", "window.window=[1,3,3]", "--config", "window.block_size=16",
         "--config", "window.min_seq_len=0", "--config", "window.dense_steps=1", "--num-frames", "4", "--height", "32",
         "--width", "32", "--steps", "3", "--seeds", "2", "--warmup", "0"]
-FIELDS = {"method", "prompt", "seed", "density", "psnr", "ssim", "lpips", "attention_s", "attention_ms_per_call", "total_s", "speedup",
+FIELDS = {"method", "prompt", "seed", "density", "psnr", "ssim", "lpips", "attention_s", "attention_ms_per_call", "plan_share", "total_s", "speedup",
           "temporal_flickering", "motion_smoothness", "subject_consistency", "background_consistency",
           "dynamic_degree", "imaging_quality", "density_map"}
 
@@ -45,6 +45,11 @@ def test_records(report):
             paired = by[("window", r["prompt"], r["seed"])]
             assert r["paired_with"] == "window"
             assert r["density"] == pytest.approx(paired["density"], abs=0.05)
+    # The static window reuses one cached plan; the oracle computes exact attention mass to plan every call.
+    for r in records:
+        assert (r["plan_share"] is None) == (r["method"] == "dense")
+        if r["method"] == "oracle":
+            assert r["plan_share"] > by[("window", r["prompt"], r["seed"])]["plan_share"]
     # At the same density the blocks of highest mass lose less of the dense clip than random ones.
     for prompt, seed in {(r["prompt"], r["seed"]) for r in records}:
         assert by[("oracle", prompt, seed)]["psnr"] > by[("random", prompt, seed)]["psnr"]

@@ -13,7 +13,7 @@ ARGS = ["eval", "--methods", "dense,window", "--controls", "random", "--config",
         "--config", "window.block_size=16", "--config", "window.min_seq_len=0", "--config", "window.dense_steps=1",
         "--num-frames", "4", "--height", "32", "--width", "32", "--steps", "2", "--seeds", "2", "--warmup", "0"]
 # Wall times differ between any two runs; everything else in a record is determined by the item.
-TIMES = {"total_s", "attention_s", "attention_ms_per_call", "speedup", "attention_speedup"}
+TIMES = {"total_s", "attention_s", "attention_ms_per_call", "speedup", "attention_speedup", "plan_share"}
 
 
 def _untimed(records: list[dict]) -> list[dict]:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -114,6 +115,30 @@ def test_the_replan_schedule_in_the_functional_object(recorder, schedule, expect
     assert recorder[-1]["step"] == 8
     attn.reset()
     assert len(attn.states) == 0
+
+
+def test_stats_time_the_planning_apart(recorder, monkeypatch):
+    """The stats split each sparse call's time into planning and the rest; a reused plan costs no planning."""
+    plan = RecorderPlanner.plan
+
+    def slow_plan(self, *args):
+        time.sleep(0.02)  # the selection work of a dynamic method, made long enough to time
+        return plan(self, *args)
+
+    monkeypatch.setattr(RecorderPlanner, "plan", slow_plan)
+    attn = SparseAttention("recorder", **{**options(replan_every=2), "dense_steps": 1})
+    q = torch.randn(1, 32, 2, 8)
+    for step in range(5):
+        attn(q, q, q, grid=(1, 4, 8), layer=0, step=step, num_steps=5)
+    entries = {step: attn.stats[(step, 0)] for step in range(5)}
+    assert entries[0].sparse_seconds == entries[0].plan_seconds == 0  # the dense warm-up step
+    for step in (1, 3):  # planned
+        assert 0.02 <= entries[step].plan_seconds <= entries[step].sparse_seconds == entries[step].seconds
+    for step in (2, 4):  # reused
+        assert entries[step].plan_seconds < 0.01 and entries[step].sparse_seconds == entries[step].seconds
+    sparse = sum(e.sparse_seconds for e in entries.values())
+    assert attn.stats.plan_share == pytest.approx(sum(e.plan_seconds for e in entries.values()) / sparse)
+    assert 0 < attn.stats.plan_share < 1
 
 
 def test_static_plans_are_reused_and_the_cache_is_bounded():

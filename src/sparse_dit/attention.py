@@ -141,22 +141,24 @@ class SparseAttention:
         kernels.check_inputs(q, k, v)  # the same checks on the dense path as on every kernel backend
         if ctx.seq_len != q.shape[1]:
             raise ShapeError(f"the context covers S={ctx.seq_len} tokens (grid {ctx.grid} + text {ctx.text_len}) but q has S={q.shape[1]}")
-        start = self._now(q.device)
+        start = planned = self._now(q.device)
         if self.dense_reason(ctx) is not None:
             out = dense() if dense is not None else sdpa(q, k, v, scale=scale, attn_mask=attn_mask)
             heads, sparse = [1.0] * ctx.all_heads, False
         else:
             plan = self.plan(q, k, ctx)
+            planned = self._now(q.device)
             out = kernels.run(q, k, v, plan, backend=self.config.backend, scale=scale, attn_mask=attn_mask)
             heads, sparse = plan.mean_head_densities(ctx.heads), True
             if gather_heads is not None:
                 heads = gather_heads(plan, heads)
-        self.record(ctx, heads, sparse, self._now(q.device) - start)
+        self.record(ctx, heads, sparse, self._now(q.device) - start, planned - start)
         return out
 
-    def record(self, ctx: PlanContext, heads: list[float], sparse: bool, seconds: float) -> None:
-        """Add one call to `stats`: the computed fraction of each of the model's heads, whether it ran a plan."""
-        self.stats.record(ctx.step, ctx.layer, heads, sparse, seconds, ctx.grid, ctx.text_len, ctx.site)
+    def record(self, ctx: PlanContext, heads: list[float], sparse: bool, seconds: float, plan_seconds: float = 0.0) -> None:
+        """Add one call to `stats`: the computed fraction of each of the model's heads, whether it ran a plan,
+        its time and the part of it spent planning."""
+        self.stats.record(ctx.step, ctx.layer, heads, sparse, seconds, ctx.grid, ctx.text_len, ctx.site, plan_seconds)
 
     def __call__(
         self,

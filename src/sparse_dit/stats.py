@@ -17,6 +17,9 @@ class LayerStepStats:
         head_density_sum: per head, the sum over calls of its computed fraction (dense calls: 1.0).
         seconds: wall time spent inside attention (on CUDA only meaningful with the runtime's
             `synchronize` on).
+        sparse_seconds: the part of `seconds` spent in calls that ran a plan.
+        plan_seconds: the part of `sparse_seconds` spent getting the plan (the method's selection work: scoring,
+            pooling, clustering, mass; near zero when a cached plan is reused).
         grid: last (F, H, W) token grid seen; text_len: last number of text tokens seen.
         site: the call site (unique across a pipeline's transformers; None for anonymous functional calls).
     """
@@ -25,6 +28,8 @@ class LayerStepStats:
     sparse_calls: int = 0
     density_sum: float = 0.0
     seconds: float = 0.0
+    sparse_seconds: float = 0.0
+    plan_seconds: float = 0.0
     head_density_sum: list[float] = field(default_factory=list)
     grid: tuple[int, int, int] | None = None
     text_len: int = 0
@@ -52,9 +57,10 @@ class AttentionStats:
 
     def record(
         self, step: int | None, layer: int, head_densities: list[float], sparse: bool, seconds: float,
-        grid: tuple[int, int, int], text_len: int, site: str | None = None,
+        grid: tuple[int, int, int], text_len: int, site: str | None = None, plan_seconds: float = 0.0,
     ) -> None:
-        """Add one call, given the computed fraction of each head (averaged over the batch)."""
+        """Add one call, given the computed fraction of each head (averaged over the batch) and, for a sparse
+        call, the part of `seconds` spent planning."""
         entry = self.entries.setdefault((step, layer), LayerStepStats())
         if len(entry.head_density_sum) != len(head_densities):
             entry.head_density_sum = [0.0] * len(head_densities)
@@ -62,6 +68,8 @@ class AttentionStats:
         density = sum(head_densities) / len(head_densities)
         entry.calls += 1
         entry.seconds += seconds
+        entry.sparse_seconds += seconds if sparse else 0.0
+        entry.plan_seconds += plan_seconds
         entry.sparse_calls += int(sparse)
         entry.density_sum += density
         entry.grid, entry.text_len, entry.site = grid, text_len, site
@@ -85,6 +93,12 @@ class AttentionStats:
     def seconds(self) -> float:
         """Total wall time inside attention."""
         return sum(e.seconds for e in self.entries.values())
+
+    @property
+    def plan_share(self) -> float | None:
+        """Time spent planning as a share of the time of the calls that ran a plan; None if none did."""
+        sparse = sum(e.sparse_seconds for e in self.entries.values())
+        return sum(e.plan_seconds for e in self.entries.values()) / sparse if sparse > 0 else None
 
     def density(self, sparse_only: bool = False) -> float | None:
         """Mean computed fraction over calls (all of them, or only those that ran a plan); None if none."""

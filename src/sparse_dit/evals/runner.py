@@ -268,6 +268,8 @@ class Evaluation:
             "attention_s": attention_s,
             "attention_calls": stats.calls,
             "attention_ms_per_call": 1e3 * attention_s / max(stats.calls, 1),
+            # The selection work (scoring, pooling, clustering, mass) as a share of the sparse calls' time.
+            "plan_share": stats.plan_share,
             "total_s": total_s,
             "density_map": density_map,
             "density_table": table,

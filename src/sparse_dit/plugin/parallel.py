@@ -302,9 +302,11 @@ def _ring(runtime: SparseAttentionRuntime, site: AttentionSite, split: Split, qu
         out = sdpa(query, keys, values, scale=scale)
         engine.record(ctx, [1.0] * heads, False, engine._now(query.device) - start)
         return out
+    planning = engine._now(query.device)
     plan = engine.ready_plan(ctx)
     if plan is None:  # the method plans this call: it reads the whole q and k, as on one process
         plan = engine.plan(_gather_tokens(query, sizes, split), keys, ctx)
+    planned = engine._now(query.device)
     backend, me = runtime.config.backend, split.rank
     parts = []
     for shard in [(me + i) % split.degree for i in range(split.degree)]:  # this process's own shard first
@@ -314,5 +316,5 @@ def _ring(runtime: SparseAttentionRuntime, site: AttentionSite, split: Split, qu
         if part is not None:
             parts.append(part)
     out, _ = lse_kernels.merge(parts)
-    engine.record(ctx, plan.mean_head_densities(heads), True, engine._now(query.device) - start)
+    engine.record(ctx, plan.mean_head_densities(heads), True, engine._now(query.device) - start, planned - planning)
     return out.to(query.dtype)
