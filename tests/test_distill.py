@@ -123,3 +123,49 @@ def test_sparse_noise_levels_are_the_samplers_after_the_dense_warm_up():
     assert torch.equal(levels, every[2:]) and levels.max() < every[0]
     with pytest.raises(ConfigError, match="noise_levels"):
         DistillSettings(noise_levels="late")
+
+
+def test_trajectory_examples_are_the_teachers_own_sampler_states():
+    """With noise_levels="trajectory" the student trains on the latents the teacher's sampler passed through at
+    the steps the pattern runs: re-running the sampler from one kept state reproduces the teacher's clip."""
+    from sparse_dit.demo.distill import sampler_levels, teacher_samples
+
+    teacher = load_demo_pipeline()
+    teacher.set_progress_bar_config(disable=True)
+    settings = DistillSettings(num_frames=2, height=16, width=16, samples=3, sample_steps=4)
+    for keep_from in (0, 2):
+        examples = teacher_samples(teacher, settings, torch.Generator().manual_seed(0), chunk=2, keep_from=keep_from)
+        assert examples.states.shape == (3, 4 - keep_from, *examples.clips.shape[1:])
+        assert torch.equal(examples.levels, sampler_levels(teacher, 4)[keep_from:])
+        # Finish sample 1 from its last kept state with the last sampler step: its clip, exactly.
+        scheduler = teacher.scheduler
+        scheduler.set_timesteps(4)
+        t = scheduler.timesteps[-1]
+        state = examples.states[1, -1:]
+        velocity = teacher.velocity(state, t.expand(1), examples.text[1:2])
+        scheduler._step_index = 3
+        done = scheduler.step(velocity, t, state, return_dict=False)[0]
+        torch.testing.assert_close(done, examples.clips[1:2], rtol=0, atol=1e-5)
+    # The first step's input is the noise the pipeline draws.
+    examples = teacher_samples(teacher, settings, torch.Generator().manual_seed(0), chunk=2, keep_from=0)
+    assert examples.states[:, 0].std().item() == pytest.approx(1.0, abs=0.2)
+
+
+def test_distill_on_trajectory_states_lowers_the_loss(tmp_path):
+    settings = DistillSettings(steps=12, num_frames=4, height=32, width=32, samples=2, sample_steps=3, validation=2,
+                               checkpoint_every=0, lr=5e-4, noise_levels="trajectory")
+    record = distill(tmp_path, "window", {"window": (1, 3, 3), "min_seq_len": 0, "block_size": 16, "dense_steps": 1},
+                     settings=settings)
+    assert record["validation"][-1]["loss"] < record["validation"][0]["loss"]
+    assert all(0 < r["density"] < 0.6 for r in record["log"])
+
+
+def test_trajectory_validation_uses_a_held_out_clip():
+    from sparse_dit.demo.distill import Examples
+
+    examples = Examples(torch.arange(3.0).view(3, 1), torch.zeros(3, 2, 1), torch.ones(3, 2, 1),
+                        torch.arange(6.0).view(3, 2, 1), torch.tensor([0.5, 0.25]))
+    rest = examples.split(2)
+    assert examples.clips.flatten().tolist() == [0, 1] and rest.clips.flatten().tolist() == [2]
+    assert examples.states.shape[0] == 2 and rest.states.flatten().tolist() == [4, 5]
+    assert rest.levels is examples.levels

@@ -224,8 +224,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--checkpoint-every", type=int, default=None,
                          help="steps between checkpoint-<step> folders, 0 for none (default: 100)")
     distill.add_argument("--seed", type=int, default=None, help="seed of captions, noise and noise levels (default: 0)")
-    distill.add_argument("--noise-levels", choices=("sparse", "all"), default=None, metavar="LEVELS",
-                         help="noise levels to distil at: sparse, the sampler's at the steps the pattern runs after the "
-                              "dense warm-up of --sample-steps; or all, as the demo was trained (default: sparse)")
+    distill.add_argument("--noise-levels", choices=("sparse", "all", "trajectory"), default=None, metavar="LEVELS",
+                         help="what to distil on: sparse, the teacher's clips noised to the sampler's levels at the steps "
+                              "the pattern runs after the dense warm-up of --sample-steps; all, noised as the demo was "
+                              "trained; or trajectory, the teacher sampler's own states at those steps (default: sparse)")
     distill.add_argument("--device", default="cpu", help="torch device")
     distill.set_defaults(func=cmd_distill)

@@ -12,6 +12,9 @@ their transformer outputs (the predicted clean clip) on samples the teacher gene
    guidance keeps working). By default t is one of the sampler's noise levels at the steps where the pattern runs
    (`noise_levels="sparse"`: after the dense warm-up of a `sample_steps`-step run), so no capacity goes to noise
    levels the dense warm-up covers; `"all"` draws them as the demo was trained (uniform, shifted towards noise).
+   `"trajectory"` draws instead the very states the teacher's sampler passed through at those steps while it
+   generated the clips: the inputs a student that tracks the teacher meets at inference, where the error of one
+   step carries into the next.
 
 What is trained: every weight of the self-attention modules the pattern replaces (q, k, v and output projections,
 the QK-norm gains), nothing else. Full weights rather than a LoRA: the demo's self-attention holds 66K weights per
@@ -48,7 +51,7 @@ from .pipeline import PATCH, SHIFT, ShapesVideoPipeline
 from .train import CAPTION_DROPOUT, loss_curve_svg
 
 RECORD = "distill.json"
-NOISE_LEVELS = ("sparse", "all")
+NOISE_LEVELS = ("sparse", "all", "trajectory")
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ class DistillSettings:
             at every checkpoint and at the end.
         lr: AdamW peak learning rate: a linear warm-up over the first 10% of the steps, then a cosine decay to
             zero, so the last steps do not leave the weights where one noisy example pushed them.
-        noise_levels: "sparse" (the sampler's noise levels at the steps the pattern runs) or "all" (the demo's
-            training distribution).
+        noise_levels: "sparse" (the sampler's noise levels at the steps the pattern runs), "all" (the demo's
+            training distribution) or "trajectory" (the teacher's own sampler states at the steps the pattern runs).
         checkpoint_every: steps between checkpoints (`checkpoint-<step>` folders); 0 writes none.
         seed: seed of the captions, noises and noise levels.
     """
@@ -98,11 +101,22 @@ class DistillSettings:
 
 @dataclass
 class Examples:
-    """Teacher-generated clean clips and their caption embeddings: clips (N, C, F, H, W), text and empty (N, L, d)."""
+    """Teacher-generated clean clips and their caption embeddings: clips (N, C, F, H, W), text and empty (N, L, d);
+    with `keep_from`, also the sampler's states on the way: states (N, T, C, F, H, W) at noise levels (T,)."""
 
     clips: torch.Tensor
     text: torch.Tensor
     empty: torch.Tensor
+    states: torch.Tensor | None = None
+    levels: torch.Tensor | None = None
+
+    def split(self, n: int) -> "Examples":
+        """Keep the first `n` clips; return the others as their own `Examples`."""
+        rest = Examples(self.clips[n:], self.text[n:], self.empty[n:],
+                        None if self.states is None else self.states[n:], self.levels)
+        self.clips, self.text, self.empty = self.clips[:n], self.text[:n], self.empty[:n]
+        self.states = None if self.states is None else self.states[:n]
+        return rest
 
 
 def attention_parameters(pipe: Any) -> dict[str, torch.nn.Parameter]:
@@ -149,42 +163,67 @@ def training_config(config: SparseAttentionConfig) -> SparseAttentionConfig:
 
 @torch.no_grad()
 def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen: torch.Generator,
-                    chunk: int = 4) -> Examples:
-    """`settings.samples` clips the dense teacher generates from random captions, as (clean) latents."""
-    captions = [sample_spec(gen).caption for _ in range(settings.samples)]
-    clips = []
+                    chunk: int = 4, keep_from: int | None = None, extra: int = 0) -> Examples:
+    """`settings.samples` (+ `extra`) clips the dense teacher generates from random captions, as (clean) latents;
+    with `keep_from`, also the latents entering each of its sampler steps from that one on."""
+    captions = [sample_spec(gen).caption for _ in range(settings.samples + extra)]
+    clips, states = [], []
+
+    def keep(pipe: ShapesVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        if keep_from is not None and keep_from <= i + 1 < settings.sample_steps:  # the input of step i + 1
+            states[-1].append(tensors["latents"].clone())
+        return tensors
+
     for start in tqdm(range(0, len(captions), chunk), desc="teacher samples", unit="batch"):
         part = captions[start : start + chunk]
         seeds = [torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen))) for _ in part]
+        states.append([])
+        if keep_from == 0:  # the first step's input is the noise itself, drawn as the pipeline draws it
+            states[-1].append(torch.cat([torch.randn(1, teacher.latent_channels, settings.num_frames, settings.height,
+                                                     settings.width, generator=torch.Generator().set_state(g.get_state())) for g in seeds]))
         clips.append(teacher(part, num_frames=settings.num_frames, height=settings.height, width=settings.width,
-                             num_inference_steps=settings.sample_steps, generator=seeds, output_type="latent").frames)
-    return Examples(torch.cat(clips), teacher.encode_prompt(captions), teacher.encode_prompt([""] * len(captions)))
+                             num_inference_steps=settings.sample_steps, generator=seeds, output_type="latent",
+                             callback_on_step_end=keep).frames)
+    examples = Examples(torch.cat(clips), teacher.encode_prompt(captions), teacher.encode_prompt([""] * len(captions)))
+    if keep_from is not None:
+        examples.states = torch.cat([torch.stack(part, dim=1) for part in states])
+        examples.levels = sampler_levels(teacher, settings.sample_steps)[keep_from:]
+    return examples
+
+
+def sampler_levels(teacher: ShapesVideoPipeline, sample_steps: int) -> torch.Tensor:
+    """The noise levels t in (0, 1] of the steps of a `sample_steps`-step run of the teacher's sampler: float (n,)."""
+    scheduler = copy.deepcopy(teacher.scheduler)
+    scheduler.set_timesteps(sample_steps)
+    return scheduler.timesteps.float().cpu() / 1000
 
 
 def sparse_noise_levels(teacher: ShapesVideoPipeline, config: SparseAttentionConfig, sample_steps: int) -> torch.Tensor:
     """The sampler's noise levels t in (0, 1] at the steps of a `sample_steps`-step run where `config` runs sparse
     (after its dense warm-up): float (n,)."""
-    scheduler = copy.deepcopy(teacher.scheduler)
-    scheduler.set_timesteps(sample_steps)
-    levels = scheduler.timesteps.float().cpu() / 1000
-    return levels[config.dense_step_count(sample_steps):]
+    return sampler_levels(teacher, sample_steps)[config.dense_step_count(sample_steps):]
 
 
 def draw(examples: Examples, count: int, gen: torch.Generator,
          levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`count` training examples: noisy clips x_t (count, C, F, H, W), timesteps t * 1000 (count,) and caption
-    embeddings (count, L, d), an empty caption with probability CAPTION_DROPOUT. `levels` (n,): the noise levels
-    to draw t from; None draws the demo's training distribution."""
+    embeddings (count, L, d), an empty caption with probability CAPTION_DROPOUT. Examples with sampler states give
+    those states; otherwise `levels` (n,) are the noise levels to draw t from, None the demo's training
+    distribution."""
     index = torch.randint(examples.clips.shape[0], (count,), generator=gen)
     x0 = examples.clips[index]
     noise = torch.randn(x0.shape, generator=gen)
-    if levels is None:
+    if examples.states is not None:  # the teacher's own sampler states: x_t is where its run was at t
+        step = torch.randint(len(examples.levels), (count,), generator=gen)
+        xt, t = examples.states[index, step], examples.levels[step]
+    elif levels is None:
         u = torch.rand(count, generator=gen).clamp(1e-3, 1 - 1e-3)
         t = SHIFT * u / (1 + (SHIFT - 1) * u)  # the demo's training noise levels (train._noise_levels)
     else:
         t = levels[torch.randint(len(levels), (count,), generator=gen)]
-    sigma = t.view(-1, 1, 1, 1, 1)
-    xt = (1 - sigma) * x0 + sigma * noise.to(x0.device)
+    if examples.states is None:
+        sigma = t.view(-1, 1, 1, 1, 1)
+        xt = (1 - sigma) * x0 + sigma * noise.to(x0.device)
     drop = (torch.rand(count, generator=gen) < CAPTION_DROPOUT).view(-1, 1, 1)
     text = torch.where(drop.to(x0.device), examples.empty[index], examples.text[index])
     return xt, (t * 1000).to(x0.device), text
@@ -243,12 +282,16 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     dense.transformer.requires_grad_(False)
     student = make_student(dense)
     enable_sparse_attention(student, training_config(config))
-    examples = teacher_samples(dense, settings, gen)
-    levels = sparse_noise_levels(dense, config, settings.sample_steps) if settings.noise_levels == "sparse" else None
+    levels = sparse_noise_levels(dense, config, settings.sample_steps) if settings.noise_levels != "all" else None
+    trajectory = settings.noise_levels == "trajectory"
     if levels is not None and not len(levels):
         raise ConfigError(f"dense_steps={config.dense_steps} leaves no sparse step in a {settings.sample_steps}-step run "
                           "to distil on; lower dense_steps or use noise_levels='all'")
-    val = [_with_target(dense, *draw(examples, 1, gen, levels)) for _ in range(settings.validation)]
+    examples = teacher_samples(dense, settings, gen, keep_from=config.dense_step_count(settings.sample_steps) if trajectory else None,
+                               extra=1 if trajectory and settings.validation else 0)
+    # Sampler states repeat exactly, so their validation examples come from a clip held out of training.
+    held_out = examples.split(settings.samples) if trajectory and settings.validation else examples
+    val = [_with_target(dense, *draw(held_out, 1, gen, levels)) for _ in range(settings.validation)]
     record: dict[str, Any] = {"method": config.method, "config": _options(config), "settings": asdict(settings),
                               "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student)),
                               "validation": [{"step": 0, "loss": validation_loss(student, val)}]}
