@@ -108,6 +108,75 @@ def test_centroid_probabilities_weight_by_cluster_size():
     assert (probs[..., 1] == 0).all()
 
 
+def loop_query_probabilities(queries, q_labels, k_centroids, k_sizes, scale):
+    """Per query cluster, the mean over its queries of the size-weighted softmax over key centroids, in float64."""
+    bh, n, _ = queries.shape
+    cq = int(q_labels.max()) + 1
+    out = torch.zeros(bh, cq, k_centroids.shape[1], dtype=torch.float64)
+    for r in range(bh):
+        for c in range(cq):
+            members = queries[r][q_labels[r] == c].double()
+            if len(members):
+                weighted = k_sizes[r].double() * torch.exp(members @ k_centroids[r].double().T * scale)
+                out[r, c] = (weighted / weighted.sum(-1, keepdim=True)).mean(0)
+    return out
+
+
+@pytest.mark.parametrize("budget", [None, 7])  # one chunk; chunks of a row or less, cut across rows
+def test_query_probabilities_average_every_querys_estimate_over_its_cluster(budget):
+    gen = torch.Generator().manual_seed(3)
+    queries, k_centroids = torch.randn(3, 29, 8, generator=gen), torch.randn(3, 6, 8, generator=gen)
+    q_labels = torch.randint(0, 4, (3, 29), generator=gen)
+    q_labels[:, :4] = torch.arange(4)  # every query cluster holds a query ...
+    q_labels[2][q_labels[2] == 1] = 0  # ... except cluster 1 of the last row: a row of zeros
+    q_sizes = torch.stack([torch.bincount(row, minlength=4) for row in q_labels])
+    k_sizes = torch.tensor([[3, 0, 1, 7, 2, 5]] * 3)
+    probs = svg2.query_probabilities(queries, q_labels, q_sizes, k_centroids, k_sizes, 0.4, budget=budget)
+    expected = loop_query_probabilities(queries, q_labels, k_centroids, k_sizes, 0.4)
+    torch.testing.assert_close(probs.double(), expected, atol=1e-6, rtol=1e-5)
+    assert (probs[..., 1] == 0).all() and (probs[2, 1] == 0).all()
+    nonempty = q_sizes > 0
+    torch.testing.assert_close(probs.sum(-1)[nonempty], torch.ones(int(nonempty.sum())))
+
+
+def test_query_probabilities_are_the_exact_mass_when_keys_sit_on_their_centroids():
+    # Every key equal to its cluster's centroid: each query's estimate is its exact attention mass per key cluster,
+    # so the average is the cluster's exact mean mass, which the centroid estimate misses for a spread cluster.
+    gen = torch.Generator().manual_seed(0)
+    k_centroids = torch.randn(1, 5, 8, generator=gen) * 2
+    k_labels = torch.randint(0, 5, (1, 40), generator=gen)
+    k_labels[0, :5] = torch.arange(5)
+    keys = k_centroids[0][k_labels[0]][None]
+    k_sizes = torch.bincount(k_labels[0], minlength=5)[None]
+    queries = torch.randn(1, 30, 8, generator=gen) * 2
+    q_labels = torch.arange(30)[None] % 3
+    q_sizes = torch.full((1, 3), 10)
+    exact = (queries @ keys.transpose(-1, -2) * 0.5).softmax(-1)  # (1, 30, 40)
+    per_cluster = torch.zeros(1, 30, 5).scatter_add_(2, k_labels[:, None, :].expand(1, 30, 40), exact)
+    mean_mass = torch.stack([per_cluster[0, q_labels[0] == c].mean(0) for c in range(3)])[None]
+    probs = svg2.query_probabilities(queries, q_labels, q_sizes, k_centroids, k_sizes, 0.5)
+    torch.testing.assert_close(probs, mean_mass, atol=1e-5, rtol=1e-5)
+    q_centroids = torch.stack([queries[0, q_labels[0] == c].mean(0) for c in range(3)])[None]
+    assert (svg2.centroid_probabilities(q_centroids, k_centroids, k_sizes, 0.5) - mean_mass).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("estimate", svg2.ESTIMATES)
+def test_decide_keeps_the_top_p_clusters_of_its_estimate(estimate):
+    ctx = _ctx((2, 4, 5), batch=2, heads=2)
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, ctx.seq_len, 2, 16, generator=gen) * 2, torch.randn(2, ctx.seq_len, 2, 16, generator=gen) * 2
+    planner = _svg2(num_q_centroids=4, num_k_centroids=9, top_p=0.7, min_kc_ratio=0.0, estimate=estimate)
+    qc, kc, keep = planner.decide(q, k, ctx, SiteState())
+    scale = 16 ** -0.5
+    if estimate == "centroids":
+        probs = svg2.centroid_probabilities(qc.centroids, kc.centroids, kc.sizes, scale)
+    else:
+        rows = q.transpose(1, 2).reshape(4, ctx.seq_len, 16)
+        probs = svg2.query_probabilities(rows, qc.labels.flatten(0, 1), qc.sizes.flatten(0, 1), kc.centroids.flatten(0, 1),
+                                         kc.sizes.flatten(0, 1), scale).view(2, 2, 4, 9)
+    assert torch.equal(keep, svg2.select_key_clusters(probs, 0.7))
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), ck=st.integers(1, 15), top_p=st.floats(0.05, 0.999), sharp=st.floats(0.1, 5.0))
 def test_top_p_keeps_the_minimal_prefix_that_reaches_p(seed, ck, top_p, sharp):
@@ -329,7 +398,7 @@ def counted(monkeypatch):
 
 def test_later_steps_warm_start_from_the_cached_centroids(counted):
     attn = SparseAttention("svg2", num_q_centroids=3, num_k_centroids=5, kmeans_iter_init=7, kmeans_iter_step=2,
-                           min_seq_len=0, dense_steps=1)
+                           min_seq_len=0, dense_steps=1, replan_every=1)
     q, k, v = (torch.randn(2, 40, 2, 8) for _ in range(3))
     run = dict(grid=(1, 5, 8), site="blocks.0.attn1", branch="cond", num_steps=4)
     attn(q, k, v, step=0, **run)  # dense warm-up: no clustering
@@ -351,7 +420,7 @@ def test_later_steps_warm_start_from_the_cached_centroids(counted):
 
 def test_cfg_branches_keep_their_own_centroids(counted):
     attn = SparseAttention("svg2", num_q_centroids=3, num_k_centroids=5, kmeans_iter_init=4, kmeans_iter_step=1,
-                           min_seq_len=0, dense_steps=0)
+                           min_seq_len=0, dense_steps=0, replan_every=1)
     q, k, v = (torch.randn(1, 40, 2, 8) for _ in range(3))
     for step in range(2):
         for branch in ("cond", "uncond"):
@@ -390,7 +459,8 @@ def test_default_cluster_counts_scale_with_the_video_tokens():
     assert config.cluster_counts(16 * 16 * 16) == (16, 55)  # the demo grid
     assert config.cluster_counts(10) == (1, 1)
     assert resolve_config("svg2", num_q_centroids=50, num_k_centroids=80).cluster_counts(30) == (30, 30)
-    assert (config.top_p, config.min_kc_ratio, config.kmeans_iter_init, config.kmeans_iter_step) == (0.9, 0.1, 50, 2)
+    assert (config.top_p, config.min_kc_ratio, config.estimate) == (0.9, 0.1, "queries")
+    assert (config.kmeans_iter_init, config.kmeans_iter_step, config.replan_every) == (10, 1, 2)
 
 
 @pytest.mark.parametrize("options, field", [
@@ -406,6 +476,7 @@ def test_default_cluster_counts_scale_with_the_video_tokens():
     ({"kmeans_iter_init": 0}, "kmeans_iter_init"),
     ({"kmeans_iter_step": 0}, "kmeans_iter_step"),
     ({"scale": 0}, "scale"),
+    ({"estimate": "keys"}, "estimate"),
     ({"seed": 1.5}, "seed"),
     ({"num_centroids": 3}, "unknown option"),
 ])
