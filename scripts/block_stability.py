@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's, 20)")
     parser.add_argument("--num-frames", type=int, default=None, help="frames (default: the pipeline's, 16)")
-    parser.add_argument("--threshold", type=float, default=None, help="adaspa cumulative threshold (default 0.9)")
+    parser.add_argument("--threshold", type=float, default=None, help="adaspa cumulative threshold (default: the method's, 0.7)")
     parser.add_argument("--density", type=float, default=None, help="adaspa density instead of a threshold")
     parser.add_argument("--dense-steps", type=float, default=0.2, help="leading dense steps, a fraction (default 0.2)")
     parser.add_argument("--no-head-adaptive", action="store_true", help="the same budget for every head")

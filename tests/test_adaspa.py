@@ -220,7 +220,8 @@ class Counter:
 
 
 @pytest.mark.parametrize("options, searches", [
-    ({}, [2, 6]),  # the paper's schedule: first sparse step (20% dense) and 60% of the run
+    ({}, [2]),  # the default: once, at the first sparse step (20% dense)
+    ({"search_steps": (0.6,)}, [2, 6]),  # the paper's schedule: the first sparse step and 60% of the run
     ({"search_steps": (3, 0.8)}, [2, 3, 8]),
     ({"search_steps": None, "replan_every": 3}, [2, 5, 8]),
     ({"search_steps": None, "replan_steps": (4, 7)}, [2, 4, 7]),  # the first sparse step plans: there is no plan yet
@@ -262,7 +263,7 @@ def test_a_stale_lse_is_recomputed():
 
 
 def test_fractional_search_steps_need_the_step_count():
-    planner = build_planner(resolve_config("adaspa", block_size=16, min_seq_len=0))
+    planner = build_planner(resolve_config("adaspa", block_size=16, min_seq_len=0, search_steps=(0.6,)))
     state = SiteState()
     q, k = _qk(_ctx((1, 1, 64), batch=1))
     planner.plan(q, k, _ctx((1, 1, 64), batch=1, step=0), state)
@@ -272,7 +273,7 @@ def test_fractional_search_steps_need_the_step_count():
 
 def test_pipeline_run_records_searches_per_site_and_branch():
     pipe, kwargs = make_pipeline("wan")
-    pipe.enable_sparse_attention("adaspa", block_size=8, min_seq_len=0, dense_steps=0, search_steps=(1,))
+    pipe.enable_sparse_attention("adaspa", block_size=8, min_seq_len=0, dense_steps=0, search_steps=(1,), threshold=0.9)
     log = {}
     kwargs["callback_on_step_end"] = lambda p, i, t, tensors: (log.update(search_log(runtime_of(p).engine.states)), tensors)[1]
     pipe(**kwargs)
@@ -303,6 +304,6 @@ def test_bad_options_raise(options, match):
 
 def test_defaults():
     config = resolve_config("adaspa")
-    assert config.effective_threshold == 0.9 and config.search_steps == (0.6,) and config.dense_steps == 0.2
+    assert config.effective_threshold == 0.7 and config.search_steps == () and config.dense_steps == 0.2
     assert resolve_config("adaspa", density=0.2).effective_threshold is None
     assert resolve_config("adaspa", search_steps=0.5).search_steps == (0.5,)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sparse_dit import ConfigError, SparseAttention, kernels
 from sparse_dit.patterns import PlanContext, build_planner, resolve_config
-from sparse_dit.patterns.vmoba import VmobaConfig, layer_kind, vmoba_partition, vmoba_scores
+from sparse_dit.patterns.vmoba import PAPER_OPTIONS, VmobaConfig, layer_kind, vmoba_partition, vmoba_scores
 from sparse_dit.state import SiteState
 
 from conftest import TOL
@@ -152,8 +152,8 @@ def test_partition_covers_every_token_once_and_matches_brute_force(grid, chunk, 
     assert int(part.chunk_tokens.sum()) == sum(lengths)
 
 
-def test_default_chunks_are_the_papers_wan_480p_partition():
-    config = VmobaConfig()
+def test_paper_options_are_the_papers_wan_480p_partition():
+    config = VmobaConfig(**PAPER_OPTIONS)
     grid = (21, 30, 52)  # Wan 2.1 480p, Table 4 of the paper: 7, 24 and 72 chunks
     assert config.chunk_shape("1d", grid) == (3, 30, 52)
     assert config.chunk_shape("2d", grid) == (21, 5, 13)
@@ -165,15 +165,23 @@ def test_default_chunks_are_the_papers_wan_480p_partition():
     assert [config.chunk_shape(kind, (16, 16, 16)) for kind in ("1d", "2d", "3d")] == [(2, 16, 16), (16, 3, 4), (5, 3, 4)]
 
 
-def test_chunk_kind_cycles_by_layer_and_reads_the_site_name():
+def test_defaults_are_one_block_cubes_in_every_layer():
     config = VmobaConfig()
+    assert config.cycle == ("3d",) and config.threshold == 0.4 and config.selection == "threshold"
+    assert [layer_kind(config, _ctx((4, 4, 4), layer=i)) for i in range(3)] == ["3d"] * 3
+    # Tokens, not fractions: a cube is one 64-token block on the demo grid and on Wan 2.1 480p alike.
+    assert config.chunk_shape("3d", (32, 16, 16)) == config.chunk_shape("3d", (21, 30, 52)) == (4, 4, 4)
+
+
+def test_chunk_kind_cycles_by_layer_and_reads_the_site_name():
+    config = VmobaConfig(**PAPER_OPTIONS)
     assert [layer_kind(config, _ctx((4, 4, 4), layer=i)) for i in range(7)] == ["1d", "2d", "3d"] * 2 + ["1d"]
     assert layer_kind(config, _ctx((4, 4, 4), site="transformer_2.blocks.5.attn1")) == "3d"  # not the 2 or the 1
     assert layer_kind(config, _ctx((4, 4, 4))) == "1d"
     assert layer_kind(VmobaConfig(cycle=("2d",)), _ctx((4, 4, 4), layer=4)) == "2d"
     # The planner uses the kind of the call's layer: 1-D chunks with no text need no reordering, 2-D ones do.
     q = torch.randn(1, 64, 1, 8)
-    planner = build_planner(resolve_config("vmoba", block_size=8))
+    planner = build_planner(resolve_config("vmoba", block_size=8, **PAPER_OPTIONS))
     assert planner.plan(q, q, _ctx((4, 4, 4), batch=1, heads=1, layer=3), SiteState()).order is None
     assert planner.plan(q, q, _ctx((4, 4, 4), batch=1, heads=1, layer=4), SiteState()).order is not None
 
@@ -302,7 +310,7 @@ def test_text_only_blocks_and_single_chunks_plan_dense():
     # One frame: a 1-D layer has a single chunk, its own.
     ctx = _ctx((1, 8, 8), batch=1, heads=1, layer=0)
     q = torch.randn(1, 64, 1, 8)
-    assert build_planner(resolve_config("vmoba", block_size=8)).plan(q, q, ctx, SiteState()).density == 1.0
+    assert build_planner(resolve_config("vmoba", block_size=8, cycle=("1d",))).plan(q, q, ctx, SiteState()).density == 1.0
 
 
 @pytest.mark.parametrize("options", [

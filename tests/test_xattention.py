@@ -154,13 +154,14 @@ def test_beats_random_on_concentrated_attention():
     assert errors["xattention"] < 0.5 * errors["random"]
 
 
-def test_plans_every_step_and_records_its_cost():
-    attn = SparseAttention("xattention", block_size=16, min_seq_len=0, dense_steps=1)
+@pytest.mark.parametrize("options, selections", [({}, 2), ({"replan_every": 1}, 3)])  # default: every other step
+def test_plans_on_its_schedule_and_records_its_cost(options, selections):
+    attn = SparseAttention("xattention", block_size=16, min_seq_len=0, dense_steps=1, **options)
     q, k, v = (torch.randn(1, 256, 2, 8) for _ in range(3))
     for step in range(4):
         attn(q, k, v, grid=(1, 16, 16), layer=0, step=step, num_steps=4)
     extra = attn.state(_ctx((1, 16, 16), batch=1, layer=0, site="layer0")).extra
-    assert extra["selections"] == 3 and extra["selection_seconds"] > 0
+    assert extra["selections"] == selections and extra["selection_seconds"] > 0
     # Scoring is S^2 D / stride multiply-adds against dense attention's 2 S^2 D: 1/16 at stride 8.
     assert extra["selection_flops"] / extra["dense_flops"] == pytest.approx(1 / 16)
 
@@ -177,5 +178,5 @@ def test_bad_options_raise(options, match):
 
 def test_defaults():
     config = resolve_config("xattention")
-    assert config.effective_threshold == 0.9 and config.stride == 8 and config.replan_every == 1
+    assert config.effective_threshold == 0.95 and config.stride == 8 and config.replan_every == 2
     assert resolve_config("xattention", density=0.3).effective_threshold is None
