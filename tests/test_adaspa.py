@@ -244,7 +244,7 @@ def test_indices_are_reused_between_searches(monkeypatch, options, searches):
     # Between searches the very same plan object runs (its kernel indices cached on it).
     for step in range(searches[0] + 1, 10):
         assert (plans[step] is plans[step - 1]) == (step not in searches)
-    assert state.extra["selections"] == len(searches) and state.extra["selection_seconds"] > 0
+    assert state.extra["selections"] == len(searches) and attn.stats.plan_share > 0
     # The same inputs at every step: each later search chooses what the first did.
     for record in state.extra["searches"][1:]:
         assert record["vs_previous"]["jaccard"] == [1.0, 1.0] and record["vs_first"]["jaccard"] == [1.0, 1.0]

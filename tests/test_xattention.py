@@ -161,7 +161,8 @@ def test_plans_on_its_schedule_and_records_its_cost(options, selections):
     for step in range(4):
         attn(q, k, v, grid=(1, 16, 16), layer=0, step=step, num_steps=4)
     extra = attn.state(_ctx((1, 16, 16), batch=1, layer=0, site="layer0")).extra
-    assert extra["selections"] == selections and extra["selection_seconds"] > 0
+    assert extra["selections"] == selections
+    assert 0 < attn.stats.plan_share < 1
     # Scoring is S^2 D / stride multiply-adds against dense attention's 2 S^2 D: 1/16 at stride 8.
     assert extra["selection_flops"] / extra["dense_flops"] == pytest.approx(1 / 16)
 

@@ -31,7 +31,6 @@ The default threshold 0.7 with one search keeps 0.172 of the map at 34.8 dB (ran
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -282,16 +281,8 @@ def selection_overlap(before: torch.Tensor, after: torch.Tensor, mass: torch.Ten
     return {"jaccard": (inter / union).mean(dim=0).tolist(), "mass_recall": held.mean(dim=0).tolist()}
 
 
-def sync_clock(device: torch.device) -> float:
-    """perf_counter, after waiting for `device`'s queued work on CUDA."""
-    if device.type == "cuda":  # planning is asynchronous on CUDA: wait, or the time says nothing
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def add_selection_time(state: SiteState, seconds: float) -> None:
-    """Accumulate planning time in `state.extra`: "selection_seconds" (total) and "selections" (count)."""
-    state.extra["selection_seconds"] = state.extra.get("selection_seconds", 0.0) + seconds
+def count_selection(state: SiteState) -> None:
+    """Count the selections a site ran in `state.extra["selections"]`; their time is in `AttentionStats.plan_seconds`."""
     state.extra["selections"] = state.extra.get("selections", 0) + 1
 
 
@@ -390,11 +381,10 @@ class AdaSpaPlanner(Planner):
         head's threshold or density, averaged over batch rows); density (the plan's, per head); from the second
         search on, vs_previous, the `selection_overlap` of the previous search's plan layout with this one's (the
         blocks each computes, text and diagonal included), and with `compare_first` vs_first, the same against
-        the first search's. `state.extra["selection_seconds"]` accumulates the time spent searching.
+        the first search's. `state.extra["selections"]` counts the searches.
         """
         if not self.search_due(ctx, state):
             return state.extra["search_plan"]
-        start = sync_clock(q.device)
         bs = self.config.block_size
         mass, fresh = self.search_mass(q, k, ctx, state)
         selected, budgets = self.select(mass)
@@ -413,9 +403,9 @@ class AdaSpaPlanner(Planner):
                 state.masks["first"] = layout
         state.extra.setdefault("searches", []).append(record)
         state.extra["search_plan"], state.extra["search_step"] = plan, ctx.step
-        add_selection_time(state, sync_clock(q.device) - start)
+        count_selection(state)
         return plan
 
 
-__all__ = ["AdaSpaConfig", "AdaSpaPlanner", "ThresholdOrDensity", "add_selection_time", "dense_lse", "head_budgets",
-           "head_recall", "search_log", "select_by_count", "select_by_threshold", "selection_overlap", "sync_clock"]
+__all__ = ["AdaSpaConfig", "AdaSpaPlanner", "ThresholdOrDensity", "count_selection", "dense_lse", "head_budgets",
+           "head_recall", "search_log", "select_by_count", "select_by_threshold", "selection_overlap"]

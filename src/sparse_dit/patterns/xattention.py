@@ -17,9 +17,10 @@ and are ranked as shares of that.
 
 Per query block, key blocks are kept in descending score until their cumulative share reaches `threshold`
 (default 0.95, the paper's other video setting), or a fixed share of them (`density`), plus the text blocks and its
-diagonal (`keep_text_and_diagonal`). It plans every other sparse step by default (`replan_every=2`). Time spent
-planning accumulates in `SiteState.extra["selection_seconds"]`, next to `"selection_flops"` and `"dense_flops"`
-(the multiply-adds of scoring and of the dense attention it replaces).
+diagonal (`keep_text_and_diagonal`). It plans every other sparse step by default (`replan_every=2`). Its planning
+time is in `AttentionStats.plan_seconds` (the eval report's "plan %"); `SiteState.extra` counts the plans in
+`"selections"` and the multiply-adds of scoring and of the dense attention it replaces in `"selection_flops"` and
+`"dense_flops"`.
 
 Defaults, measured on the demo model at 32 frames (8192 tokens, 20 steps, 3 prompts, `sparse-dit eval` against
 dense). Threshold 0.9, planning every step: density 0.200, 32.2 dB PSNR against random blocks' 30.8 at that
@@ -42,8 +43,7 @@ from ..config import SparseAttentionConfig
 from ..errors import ConfigError, ShapeError
 from ..plan import AttentionPlan
 from ..state import SiteState
-from .adaspa import (ThresholdOrDensity, add_selection_time, check_budget, check_scale, select_by_count, select_by_threshold,
-                     sync_clock)
+from .adaspa import ThresholdOrDensity, check_budget, check_scale, count_selection, select_by_count, select_by_threshold
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 
 # Most elements of one chunk of antidiagonal scores in `antidiagonal_block_scores`: 32 M floats, 128 MB in fp32.
@@ -166,7 +166,6 @@ class XAttentionPlanner(Planner):
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         config = self.config
-        start = sync_clock(q.device)
         bs = config.block_size
         scores = antidiagonal_block_scores(q, k, bs, config.stride, config.scale)
         threshold = config.effective_threshold
@@ -177,7 +176,7 @@ class XAttentionPlanner(Planner):
             selected = select_by_count(scores, torch.tensor([[max(1, min(n, round(config.density * n)))]]))
         layout = keep_text_and_diagonal(selected, ctx, bs)
         plan = AttentionPlan(seq_len=ctx.seq_len, layout=layout, block_size=bs)
-        add_selection_time(state, sync_clock(q.device) - start)
+        count_selection(state)
         b, s, h, d = q.shape
         g = -(-s // config.stride)
         state.extra["selection_flops"] = state.extra.get("selection_flops", 0) + b * h * g * g * config.stride * d
