@@ -167,7 +167,7 @@ def test_paper_options_are_the_papers_wan_480p_partition():
 
 def test_defaults_are_one_block_cubes_in_every_layer():
     config = VmobaConfig()
-    assert config.cycle == ("3d",) and config.threshold == 0.4 and config.selection == "threshold"
+    assert config.cycle == ("3d",) and config.threshold == 0.25 and config.selection == "threshold"
     assert [layer_kind(config, _ctx((4, 4, 4), layer=i)) for i in range(3)] == ["3d"] * 3
     # Tokens, not fractions: a cube is one 64-token block on the demo grid and on Wan 2.1 480p alike.
     assert config.chunk_shape("3d", (32, 16, 16)) == config.chunk_shape("3d", (21, 30, 52)) == (4, 4, 4)

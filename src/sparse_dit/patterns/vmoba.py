@@ -40,19 +40,22 @@ chunks are finer (2 frames; 3 x 4; 4 x 6 x 4 tokens, top-k 3 | 20 | 15): `chunk_
 chunk_3d=(4, 6, 4), topk=(3, 20, 15)` gives them in tokens. The anchor keeps the first 12 of 50 steps dense and
 the paper 25%; `dense_steps` keeps the package default (0.2) so methods compare under one policy.
 
-Why the defaults are not the paper's: 3-D chunks of 4 x 4 x 4 tokens (one 64-token block each) in every layer,
-threshold 0.4. The paper's gate scores a chunk by its mean key alone, and 1-D chunks (whole frames) and 2-D ones
-(tubes through every frame) average keys over regions that a query block of this model's attention treats
-unevenly. On the demo model at 32 frames (8192 tokens, 20 steps, 3 prompts, `sparse-dit eval` against dense)
-the paper's setting keeps 0.225 of the map at 29.1 dB PSNR, 2.6 dB below random blocks at the same density
-(31.7), and its top-k variant 0.274 at 31.1 dB, 2.0 below random (33.1). Per attention call (relative error of
-the output against dense, one prompt, steps 4-19) the 1-D and 2-D layers' diffuse heads come out 2-6 dB worse
-than random blocks at their density, the 3-D layers' 4-10 dB better. The defaults keep 0.260 of the map at
-38.6 dB against random's 32.8 (+5.8 dB); selection is under 3% of the attention time. Threshold against top-k
-on the same cubes: `selection="topk", topk=0.25` keeps 0.250 at 38.0 dB against random's 32.6 (+5.4 dB), so
-the threshold rule is ahead by 0.4 dB over random at 0.01 more density, a tie within three prompts' noise; on the
-paper's cycle top-k was the less bad (-2.0 against -2.6 dB), at 0.05 more density. Ints, not fractions, so a cube stays one
-block at every resolution (more chunks on larger grids: the score matrix is blocks x blocks).
+Why the default chunks are not the paper's: 3-D chunks of 4 x 4 x 4 tokens (one 64-token block each) in every
+layer, at the anchor's threshold 0.25. The paper's gate scores a chunk by its mean key alone, and 1-D chunks
+(whole frames) and 2-D ones (tubes through every frame) average keys over regions that a query block of this
+model's attention treats unevenly. On the demo model at 32 frames (8192 tokens, 20 steps, 3 prompts,
+`sparse-dit eval` against dense) the paper's setting keeps 0.225 of the map at 29.1 dB PSNR, 2.6 dB below random
+blocks at the same density (31.7), and its top-k variant 0.274 at 31.1 dB, 2.0 below random (33.1). Per
+attention call (relative error of the output against dense, one prompt, steps 4-19) the 1-D and 2-D layers'
+diffuse heads come out 2-6 dB worse than random blocks at their density, the 3-D layers' 4-10 dB better. On the
+cubes, threshold 0.25 (the default) keeps 0.154 of the map at 34.3 dB against random's 30.0 (+4.4 dB), 1.89x
+faster than dense end to end; 0.3 keeps 0.188 at 35.8 against 31.0 (+4.8 dB, 1.67x); 0.4 keeps 0.260 at 38.6
+against 32.8 (+5.8 dB, 1.44x, short of 1.5x); selection is 4-7% of the sparse attention time. Threshold
+against top-k on the same cubes: `selection="topk", topk=0.25` keeps 0.250 at 38.0 dB against random's 32.6
+(+5.4 dB), so at matched density the threshold rule is ahead by 0.4 dB over random at 0.01 more density, a tie
+within three prompts' noise; on the paper's cycle top-k was the less bad (-2.0 against -2.6 dB), at 0.05 more
+density. The cube's sizes are ints, not fractions, so a cube stays
+one block at every resolution (more chunks on larger grids: the score matrix is blocks x blocks).
 
 Blocks, and why fixed ones. VMoBA's chunks are not contiguous in raster order (a 2-D tile over all frames is
 F x h strips). The plan therefore reorders the video tokens chunk by chunk (chunks in raster order of the chunk
@@ -152,7 +155,7 @@ class VmobaConfig(SparseAttentionConfig):
 
     method: ClassVar[str] = "vmoba"
     selection: Literal["threshold", "topk"] = "threshold"
-    threshold: float = 0.4
+    threshold: float = 0.25
     threshold_scope: Literal["query", "head"] = "query"
     topk: Size | tuple = (2 / 7, 0.25, 0.25)
     density: float | None = None
