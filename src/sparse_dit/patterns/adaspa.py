@@ -26,6 +26,12 @@ per site and saves about 0.06 of density on each of the 8 steps after it, about 
 for itself in time, and it buys no quality here (36.7 against 37.4 dB, and 6.7 against 7.1 dB above random).
 The default threshold 0.7 with one search keeps 0.172 of the map at 34.8 dB (random: 29.1, +5.7 dB); the paper's
 0.9 with two searches kept 0.253 at 40.1 dB (random: 31.3) and ran only 1.48x faster than dense end to end.
+
+How far the pattern moves (`scripts/block_stability.py --num-frames 32`: threshold 0.7, a search at every sparse
+step, one prompt): consecutive searches overlap by Jaccard 0.875 (0.82-0.91 per layer) and the previous step's
+blocks hold 0.78 of a step's exact mass; against the first search the overlap falls to 0.55 and the first
+search's blocks hold 0.70 of the mass, at the last step too. The blocks drift, but the mass they hold does not
+fall along the run, which is why one search is enough here.
 """
 
 from __future__ import annotations
