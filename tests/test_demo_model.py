@@ -66,7 +66,7 @@ def test_generates_at_twice_the_demo_token_count(pipe):
 
 
 def test_demo_command(tmp_path, capsys):
-    assert main(["demo", "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--steps", "3", "--num-frames", "8", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["density"] < 1 and summary["psnr"] > 10 and summary["total_s"] > 0
     for name in ("side_by_side.mp4", "side_by_side.gif"):
