@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import SparseAttentionConfig
+from ..config import SparseAttentionConfig, is_number
 from ..errors import ConfigError
 from ..ops import CHUNK_ROWS, block_attention_mass, top_p_select
 from ..plan import AttentionPlan
@@ -54,8 +54,7 @@ LSE_CHUNK_ELEMENTS = 1 << 25
 
 
 def _fraction(value: Any, *, open_low: bool = True) -> bool:
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return ok_type and (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0)
+    return is_number(value) and (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0)
 
 
 def check_budget(method: str, threshold: Any, density: Any) -> None:

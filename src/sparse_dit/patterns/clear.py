@@ -25,7 +25,7 @@ from typing import ClassVar, Hashable
 
 import torch
 
-from ..config import SparseAttentionConfig, is_int
+from ..config import SparseAttentionConfig, is_fraction, is_int
 from ..errors import ConfigError
 from ..plan import AttentionPlan
 from ..state import SiteState
@@ -82,7 +82,7 @@ def _check_extent(name: str, value: object, allow_all: bool) -> None:
     if is_int(value):
         ok = value >= 0 or (allow_all and value == -1)
     else:
-        ok = isinstance(value, float) and 0.0 < value <= 1.0
+        ok = is_fraction(value)
     if not ok:
         extra = ", or -1 for every frame" if allow_all else ""
         raise ConfigError(f"{name}={value!r} is out of range: expected an int >= 0 (tokens) or a float in (0, 1] "
