@@ -137,7 +137,8 @@ class VmobaConfig(SparseAttentionConfig):
     Attributes:
         selection: "threshold" (cumulative normalised similarity) or "topk" (a fixed count per query block).
         threshold: the cumulative share of normalised similarity to reach, in (0, 1]; 1 keeps every chunk.
-            Default 0.4 with the default cubes (0.260 of the demo's map at 8192 tokens; module docstring).
+            Default 0.25, the anchor's, with the default cubes (0.154 of the demo's map at 8192 tokens; module
+            docstring).
         threshold_scope: "query" (per query block and head) or "head" (over all query blocks of a head, the
             paper's global selection).
         topk: chunks kept per query block with `selection="topk"`, its own chunk included: an int count or a
