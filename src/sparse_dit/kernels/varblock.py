@@ -5,7 +5,7 @@ its own set of key clusters, so the fixed-block grouping of `kernels.gather` (qu
 kept count) does not apply. Instead, per (batch row, head) and query cluster, the token positions of its kept key
 clusters are concatenated into one index, the keys and values gathered into a per-thread workspace, and the
 cluster's queries run through the CPU flash SDPA kernel against them. The SDPA kernel tiles the queries itself,
-so one call serves a cluster of any size; where a cluster's keys and values would not stay in a core's L2 they
+so one call serves a cluster of any size; where a cluster's keys and values would not stay in cache they
 are split and merged by log-sum-exp (`gather.merge_lse`), as `gather.attend_blocks` does. With `return_lse` the
 same calls also return each query's log-sum-exp (ring attention's shards, `kernels.lse`).
 
@@ -150,8 +150,8 @@ def _flat_order(order: torch.Tensor | None, b: int, h: int, s: int, device: torc
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
             with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of q (1, 1, n, D) over k, v (1, 1, L, D), L > 0, the keys split where they would not stay in a
-    core's L2 (`gather.KV_BYTES`) and the parts merged by their log-sum-exp. Returns out (1, 1, n, D), float32
+    """Attention of q (1, 1, n, D) over k, v (1, 1, L, D), L > 0, the keys split where they would not stay in
+    cache (`gather.KV_BYTES`) and the parts merged by their log-sum-exp. Returns out (1, 1, n, D), float32
     where split, and with `with_lse` the float32 LSE (1, 1, n, 1), else None."""
     bounds = gather.split_bounds(k.shape[2], 2 * k.shape[3] * k.element_size())
     if len(bounds) == 2 and not with_lse:
