@@ -1,5 +1,7 @@
 """`xattention`: strided antidiagonal scores against explicit loops, threshold and density selection, awkward shapes."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,16 @@ def test_block_scores_match_explicit_loops(s, stride, per, seed):
     torch.testing.assert_close(scores.double(), brute_block_scores(q, k, block, stride, scale=0.7), atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_product_moves_scores_by_under_a_hundredth_of_a_block():
+    """The planner multiplies in bfloat16 where the CPU has it (`product_dtype`); every block's score (a sum of
+    `block / stride` probabilities, its row summing to that many) moves by less than 0.01 with it."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 500, 2, 64, generator=gen) for _ in range(2))
+    exact = antidiagonal_block_scores(q, k, 64, 8)
+    torch.testing.assert_close(antidiagonal_block_scores(q, k, 64, 8, dtype=torch.bfloat16), exact, atol=1e-2, rtol=0)
+    assert xattention.product_dtype(torch.device("meta")) == torch.float32
+
+
 def test_block_scores_chunks_agree(monkeypatch):
     q, k = torch.randn(1, 321, 2, 8), torch.randn(1, 321, 2, 8)  # 41 groups of 8 in 21 blocks of 16: the last is short
     whole = antidiagonal_block_scores(q, k, 16, 8)
@@ -92,7 +104,9 @@ def test_threshold_keeps_the_minimal_prefix_of_scores(n, seed, threshold):
     ctx = _ctx((1, 1, n * block - 5))
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(2, ctx.seq_len, 2, 8, generator=gen) * 2 for _ in range(2))
-    plan = build_planner(resolve_config("xattention", block_size=block, threshold=threshold)).plan(q, k, ctx, SiteState())
+    planner = build_planner(resolve_config("xattention", block_size=block, threshold=threshold))
+    with mock.patch.object(xattention, "product_dtype", lambda device: torch.float32):  # exact ties, as the loops see them
+        plan = planner.plan(q, k, ctx, SiteState())
     scores = brute_block_scores(q, k, block, 8)
     for b in range(2):
         for h in range(2):

@@ -46,8 +46,9 @@ from ..state import SiteState
 from .adaspa import ThresholdOrDensity, check_budget, check_scale, count_selection, select_by_count, select_by_threshold
 from .base import PlanContext, Planner, keep_text_and_diagonal, register_method
 
-# Most elements of one chunk of antidiagonal scores in `antidiagonal_block_scores`: 32 M floats, 128 MB in fp32.
-SCORE_CHUNK_ELEMENTS = 1 << 25
+# Most elements of one chunk of antidiagonal scores in `antidiagonal_block_scores`: 1 M floats, 4 MB, so a chunk's
+# product, softmax and sums stay in cache; 32 M took 2.6x as long at stride 4 and 8192 tokens on 2 cores.
+SCORE_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,12 @@ class XAttentionConfig(SparseAttentionConfig, ThresholdOrDensity):
                               "every block holds whole antidiagonal groups; pick e.g. stride=8 with block_size=64")
 
 
-def _grouped(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
-    """(B, S, H, D) -> float32 (B, H, G, stride * D), G = ceil(S / stride): each group's rows concatenated
+def _grouped(x: torch.Tensor, stride: int, reverse: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, S, H, D) -> (B, H, G, stride * D) in `dtype`, G = ceil(S / stride): each group's rows concatenated
     (in reverse order within the group when `reverse`); the sequence is zero-padded to whole groups."""
     b, s, h, d = x.shape
     g = -(-s // stride)
-    xh = F.pad(x.transpose(1, 2).float(), (0, 0, 0, g * stride - s)).view(b, h, g, stride, d)
+    xh = F.pad(x.transpose(1, 2).to(dtype), (0, 0, 0, g * stride - s)).view(b, h, g, stride, d)
     if reverse:
         xh = xh.flip(3)
     return xh.reshape(b, h, g, stride * d)
@@ -116,8 +117,17 @@ def antidiagonal_sums(q: torch.Tensor, k: torch.Tensor, stride: int) -> torch.Te
     return _grouped(q, stride, reverse=True) @ _grouped(k, stride, reverse=False).transpose(-1, -2)
 
 
+def product_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the planner multiplies the grouped q and k in: bfloat16 on a CPU with native bf16 dot products
+    (AVX512-BF16 or AMX, through oneDNN), where the product runs 2.3x as fast as in float32 and its share of a plan
+    drops from 70% to 50% at 8192 tokens; float32 elsewhere. The softmax and the sums stay float32."""
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int,
-                              scale: float | None = None) -> torch.Tensor:
+                              scale: float | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """XAttention's score of every (query block, key block): the softmax of the scaled antidiagonal sums along each
     row of groups, summed over the block pair.
 
@@ -131,6 +141,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
         block_size: tokens per block, a multiple of `stride`; the last block may be short.
         stride: antidiagonal tile size in tokens.
         scale: softmax scale, default D ** -0.5.
+        dtype: dtype of the grouped q . k product (`product_dtype`); the softmax and the sums are float32.
     Returns:
         float32 (B, H, n, n), n = ceil(S / block_size).
     """
@@ -142,16 +153,22 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
     scale = (d**-0.5 if scale is None else scale) / stride
     n, per_block = -(-s // block_size), block_size // stride
     g = -(-s // stride)
-    qg, kg = _grouped(q, stride, reverse=True), _grouped(k, stride, reverse=False).transpose(-1, -2)
+    # The scale goes into q once, so each chunk's softmax reads the product directly (a power of two at D = 64 and
+    # stride 4 or 8, exact in bfloat16).
+    qg = _grouped(q, stride, True, dtype).mul_(scale)
+    kg = _grouped(k, stride, False, dtype).transpose(-1, -2)
     out = torch.empty(b, h, n, n, dtype=torch.float32, device=q.device)
     blocks = max(1, SCORE_CHUNK_ELEMENTS // max(1, b * h * g * per_block))  # query blocks per chunk
     for first in range(0, n, blocks):
         last = min(n, first + blocks)
         rows = qg[:, :, first * per_block : last * per_block]  # the last chunk may hold fewer groups
-        probs = (rows @ kg).mul_(scale).softmax(dim=-1)  # (B, H, r, G)
+        probs = torch.softmax(rows @ kg, dim=-1, dtype=torch.float32)  # (B, H, r, G)
         # Zero padding to whole blocks on both axes adds nothing to the sums.
-        per_key = F.pad(probs, (0, n * per_block - g)).view(b, h, rows.shape[2], n, per_block).sum(-1)
-        per_key = F.pad(per_key, (0, 0, 0, (last - first) * per_block - rows.shape[2]))
+        if n * per_block != g:
+            probs = F.pad(probs, (0, n * per_block - g))
+        per_key = probs.view(b, h, rows.shape[2], n, per_block).sum(-1)
+        if rows.shape[2] != (last - first) * per_block:
+            per_key = F.pad(per_key, (0, 0, 0, (last - first) * per_block - rows.shape[2]))
         out[:, :, first:last] = per_key.view(b, h, last - first, per_block, n).sum(3)
     return out
 
@@ -167,7 +184,7 @@ class XAttentionPlanner(Planner):
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx: PlanContext, state: SiteState) -> AttentionPlan:
         config = self.config
         bs = config.block_size
-        scores = antidiagonal_block_scores(q, k, bs, config.stride, config.scale)
+        scores = antidiagonal_block_scores(q, k, bs, config.stride, config.scale, product_dtype(q.device))
         threshold = config.effective_threshold
         if threshold is not None:
             selected = select_by_threshold(scores, threshold)
@@ -184,4 +201,4 @@ class XAttentionPlanner(Planner):
         return plan
 
 
-__all__ = ["XAttentionConfig", "XAttentionPlanner", "antidiagonal_block_scores", "antidiagonal_sums"]
+__all__ = ["XAttentionConfig", "XAttentionPlanner", "antidiagonal_block_scores", "antidiagonal_sums", "product_dtype"]
