@@ -107,7 +107,7 @@ def test_threshold_keeps_the_minimal_prefix_of_scores(n, seed, threshold):
     planner = build_planner(resolve_config("xattention", block_size=block, threshold=threshold))
     with mock.patch.object(xattention, "product_dtype", lambda device: torch.float32):  # exact ties, as the loops see them
         plan = planner.plan(q, k, ctx, SiteState())
-    scores = brute_block_scores(q, k, block, 8)
+    scores = brute_block_scores(q, k, block, planner.config.stride)
     for b in range(2):
         for h in range(2):
             for i in range(n):
@@ -177,8 +177,8 @@ def test_plans_on_its_schedule_and_records_its_cost(options, selections):
     extra = attn.state(_ctx((1, 16, 16), batch=1, layer=0, site="layer0")).extra
     assert extra["selections"] == selections
     assert 0 < attn.stats.plan_share < 1
-    # Scoring is S^2 D / stride multiply-adds against dense attention's 2 S^2 D: 1/16 at stride 8.
-    assert extra["selection_flops"] / extra["dense_flops"] == pytest.approx(1 / 16)
+    # Scoring is S^2 D / stride multiply-adds against dense attention's 2 S^2 D: 1/8 at the default stride 4.
+    assert extra["selection_flops"] / extra["dense_flops"] == pytest.approx(1 / 8)
 
 
 @pytest.mark.parametrize("options, match", [
@@ -193,5 +193,5 @@ def test_bad_options_raise(options, match):
 
 def test_defaults():
     config = resolve_config("xattention")
-    assert config.effective_threshold == 0.95 and config.stride == 8 and config.replan_every == 2
+    assert config.effective_threshold == 0.9 and config.stride == 4 and config.replan_every == 2
     assert resolve_config("xattention", density=0.3).effective_threshold is None
