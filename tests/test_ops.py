@@ -125,6 +125,14 @@ def test_block_attention_mass(with_lse, kv_heads):
     if not with_lse:  # dense attention: each row of blocks sums to its row count
         rows = torch.tensor([8, 8, 8, 8, 8, 5], dtype=torch.float32)
         torch.testing.assert_close(mass.sum(-1), rows.expand(b, h, 6), atol=1e-4, rtol=0)
+        # The LSE found on the way is dense attention's, and the mass it comes with is the same.
+        again, found = ops.block_attention_mass(q, k, None, block, scale, chunk_rows=24, return_lse=True)
+        kk = k.repeat_interleave(h // kv_heads, dim=2)
+        dense = torch.logsumexp(torch.einsum("bshd,bthd->bhst", q, kk) * scale, dim=-1)
+        torch.testing.assert_close(found, dense, atol=1e-5, rtol=1e-5)
+        assert torch.equal(again, mass)
+        with pytest.raises(ShapeError, match="return_lse"):
+            ops.block_attention_mass(q, k, found, block, scale, return_lse=True)
     else:
         assert mass[1, 0].eq(0).all()
 

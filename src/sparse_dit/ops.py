@@ -126,7 +126,8 @@ def block_attention_mass(
     *,
     impl: Impl = "auto",
     chunk_rows: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention mass of every (query block, key block) pair given the rows' LSE.
 
     mass[b, h, i, j] = sum over rows r in block i and keys c in block j of exp(q_r . k_c * scale - lse_r).
@@ -137,15 +138,16 @@ def block_attention_mass(
         q, k: (B, S, H, D); k may have fewer heads (grouped-query attention), each serving H / H_k heads.
         lse: float32 (B, H, S), natural-log LSE of the scaled scores (as `kernels.run(..., return_lse=True)`
             returns it; -inf rows, skipped heads, carry no mass); None: dense attention's, computed on the way
-            (torch only).
+            from the same chunks of scores (torch only), which costs far less than a separate LSE pass.
         block_size: tokens per block; the last block may be short. The Triton kernel takes 64 and 128.
         scale: softmax scale, default D ** -0.5.
         impl: "auto" (Triton for CUDA tensors it takes, with an LSE and block 64 or 128, else torch), "torch"
             or "triton".
         chunk_rows: query rows per step of the torch path (memory: B * H * chunk_rows * S floats), default
             as many as CHUNK_ELEMENTS scores hold, at most CHUNK_ROWS; rounded down to whole blocks (one at least).
+        return_lse: with `lse` None, also return the LSE computed on the way, float32 (B, H, S).
     Returns:
-        float32 (B, H, n, n) with n = ceil(S / block_size).
+        float32 (B, H, n, n) with n = ceil(S / block_size); with `return_lse`, (mass, lse).
     """
     b, s, h, d = q.shape
     if k.shape[2] != h:
@@ -153,30 +155,41 @@ def block_attention_mass(
     scale = d**-0.5 if scale is None else scale
     if impl == "triton" and lse is None:
         raise ShapeError("the Triton block_attention_mass reads a cached LSE; pass lse, or impl='torch'")
+    if return_lse and lse is not None:
+        raise ShapeError("return_lse returns the LSE computed on the way: pass lse=None with it")
     from_lse = lse is not None and block_size in (64, 128) and k.dtype == q.dtype
     helpers = _triton_helpers(impl, q, fits=from_lse)
     if helpers is not None:
         return helpers.block_attention_mass(q, k, lse, block_size, scale)
     n = -(-s // block_size)
-    qh, kh = q.transpose(1, 2).float(), k.transpose(1, 2).float()
+    # The scale goes into q once, so each chunk of scores is written once by its matmul and then updated in place.
+    qh, kt = q.transpose(1, 2).float() * scale, k.transpose(1, 2).float().transpose(-1, -2)
     out = torch.empty(b, h, n, n, dtype=torch.float32, device=q.device)
+    found = torch.empty(b, h, s, dtype=torch.float32, device=q.device) if return_lse else None
     if chunk_rows is None:
         chunk_rows = min(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, b * h * s))
     rows = max(1, chunk_rows // block_size) * block_size
     for start in range(0, s, rows):
         stop = min(s, start + rows)
-        scores = qh[:, :, start:stop] @ kh.transpose(-1, -2) * scale  # (B, H, r, S)
+        scores = qh[:, :, start:stop] @ kt  # (B, H, r, S)
         if lse is None:
-            row_lse = scores.logsumexp(dim=-1)
+            # exp(x - max) summed per block, then divided by its row's sum: the row's LSE is max + log(sum), and
+            # the division touches the (r, n) block sums, not the (r, S) chunk.
+            peak = scores.amax(dim=-1, keepdim=True)
+            exps = scores.sub_(peak).exp_()
+            total = exps.sum(dim=-1, keepdim=True)
+            per_key_block = _block_sums(exps, block_size, n).div_(total)
+            if found is not None:
+                found[:, :, start:stop] = (peak + total.log())[..., 0]
         else:  # a row that attended nothing has LSE -inf: +inf makes its mass 0 instead of inf
             row_lse = lse[:, :, start:stop].float()
             row_lse = row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
-        probs = scores.sub_(row_lse[..., None]).exp_()  # in place: the chunk's scores are its largest tensor
-        per_key_block = _block_sums(probs, block_size, n)
+            probs = scores.sub_(row_lse[..., None]).exp_()  # in place: the chunk's scores are its largest tensor
+            per_key_block = _block_sums(probs, block_size, n)
         first, last = start // block_size, -(-stop // block_size)
         padded = F.pad(per_key_block, (0, 0, 0, (last - first) * block_size - (stop - start)))
         out[:, :, first:last] = padded.view(b, h, last - first, block_size, n).sum(3)
-    return out
+    return (out, found) if return_lse else out
 
 
 def _block_sums(x: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
