@@ -178,21 +178,21 @@ def block_attention_mass(
             peak = scores.amax(dim=-1, keepdim=True)
             exps = scores.sub_(peak).exp_()
             total = exps.sum(dim=-1, keepdim=True)
-            per_key_block = _block_sums(exps, block_size, n).div_(total)
+            per_key_block = block_sums(exps, block_size, n).div_(total)
             if found is not None:
                 found[:, :, start:stop] = (peak + total.log())[..., 0]
         else:  # a row that attended nothing has LSE -inf: +inf makes its mass 0 instead of inf
             row_lse = lse[:, :, start:stop].float()
             row_lse = row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
             probs = scores.sub_(row_lse[..., None]).exp_()  # in place: the chunk's scores are its largest tensor
-            per_key_block = _block_sums(probs, block_size, n)
+            per_key_block = block_sums(probs, block_size, n)
         first, last = start // block_size, -(-stop // block_size)
         padded = F.pad(per_key_block, (0, 0, 0, (last - first) * block_size - (stop - start)))
         out[:, :, first:last] = padded.view(b, h, last - first, block_size, n).sum(3)
     return (out, found) if return_lse else out
 
 
-def _block_sums(x: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
+def block_sums(x: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
     """x (..., S) summed over consecutive blocks of `block_size` into (..., n), the last block possibly short.
 
     Whole blocks are summed through a view and the short tail apart, rather than padding x: a pad would copy

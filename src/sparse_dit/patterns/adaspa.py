@@ -5,7 +5,7 @@ depend on the input, layer and head but hardly on the denoising step. So instead
 step, it runs a *precise* search at a few steps and reuses the chosen key blocks in between:
 
 1. **Search** (at the first sparse step): compute the LSE of dense attention once and cache it
-   (`SiteState.lse`), then the exact attention mass of every (query block, key block) pair,
+   (`SiteState.lse`; on CPU found on the way of the mass pass), and the exact attention mass of every (query block, key block) pair,
    mass[i, j] = sum over rows r of block i, keys c of block j of exp(q_r . k_c * scale - lse_r)
    (`ops.block_attention_mass`, a Triton kernel on CUDA), the paper's "fused LSE-cached search".
 2. **Select** per query block ("row-wise", §4.3): the key blocks in descending mass until a cumulative threshold
@@ -16,9 +16,11 @@ step, it runs a *precise* search at a few steps and reuses the chosen key blocks
    `search_steps=(0.6,)`: the first sparse step and 60% of the run. The default searches once, at the first sparse
    step (`search_steps=()`), the paper's own ablation "T_s = {10}" (28.96 dB against 29.07 for {10, 30}).
 
-The schedule trades search cost against density. A search costs about 2.5 dense attention calls at its site (the
-LSE pass, then the mass pass: 1.0x and 1.5x a dense call on one CPU thread at 8192 tokens); a re-search with the
-cached LSE about 1.5. Attention sharpens along the run, so a later search keeps fewer blocks. On the demo model at
+The schedule trades search cost against density. On CPU the first search is one pass over Q·K that finds each
+row's LSE on the way (`block_attention_mass(..., return_lse=True)`), about 1.4 dense attention calls at its site
+(8192 tokens, 2 cores; a separate flash LSE pass first made it 2.5); a re-search reads the cached LSE and costs
+about the same. On CUDA the LSE pass runs first and the Triton mass kernel reads it, so there the cache saves a
+pass at every re-search. Attention sharpens along the run, so a later search keeps fewer blocks. On the demo model at
 32 frames (8192 tokens, 20 steps, 3 prompts, `sparse-dit eval`), threshold 0.8: one search keeps 0.216 of the map
 at 37.4 dB PSNR against dense (random blocks at that density: 30.3), the paper's two searches 0.186 at 36.7 dB
 (random: 30.0), planning taking 34% and 44% of the attention time. The search at step 12 costs 1.5 dense calls

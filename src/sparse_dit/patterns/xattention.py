@@ -36,6 +36,7 @@ the softmax. The paper's stride is one option away: `stride=8, threshold=0.95`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError, ShapeError
+from ..ops import block_sums
 from ..plan import AttentionPlan
 from ..state import SiteState
 from .adaspa import ThresholdOrDensity, check_budget, check_scale, count_selection, select_by_count, select_by_threshold
@@ -156,21 +158,27 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
     scale = (d**-0.5 if scale is None else scale) / stride
     n, per_block = -(-s // block_size), block_size // stride
     g = -(-s // stride)
-    # The scale goes into q once, so each chunk's softmax reads the product directly (a power of two at D = 64 and
-    # stride 4 or 8, exact in bfloat16).
+    # The scale goes into q once (a power of two at D = 64 and stride 4 or 8, exact in bfloat16). Each chunk's
+    # product and its float32 copy reuse two buffers, updated in place: a fresh multi-MB tensor per chunk costs
+    # its page faults, and a softmax from bfloat16 took 2x as long as the exp in place below, normalised per block.
     qg = _grouped(q, stride, True, dtype).mul_(scale)
     kg = _grouped(k, stride, False, dtype).transpose(-1, -2)
     out = torch.empty(b, h, n, n, dtype=torch.float32, device=q.device)
     blocks = max(1, SCORE_CHUNK_ELEMENTS // max(1, b * h * g * per_block))  # query blocks per chunk
+    size = b * h * min(g, blocks * per_block) * g
+    product = torch.empty(size, dtype=dtype, device=q.device)
+    logits = product if dtype == torch.float32 else torch.empty(size, dtype=torch.float32, device=q.device)
     for first in range(0, n, blocks):
         last = min(n, first + blocks)
         rows = qg[:, :, first * per_block : last * per_block]  # the last chunk may hold fewer groups
-        probs = torch.softmax(rows @ kg, dim=-1, dtype=torch.float32)  # (B, H, r, G)
-        # Zero padding to whole blocks on both axes adds nothing to the sums.
-        if n * per_block != g:
-            probs = F.pad(probs, (0, n * per_block - g))
-        per_key = probs.view(b, h, rows.shape[2], n, per_block).sum(-1)
-        if rows.shape[2] != (last - first) * per_block:
+        shape = (b, h, rows.shape[2], g)
+        x = torch.matmul(rows, kg, out=product[: math.prod(shape)].view(shape))
+        if x.dtype != torch.float32:
+            x = logits[: math.prod(shape)].view(shape).copy_(x)
+        x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+        # Softmax over each row of groups, summed per key block: exp summed per block, then divided by the row's sum.
+        per_key = block_sums(x, per_block, n).div_(x.sum(dim=-1, keepdim=True))  # (B, H, r, n)
+        if rows.shape[2] != (last - first) * per_block:  # zero rows past S add nothing to the sums
             per_key = F.pad(per_key, (0, 0, 0, (last - first) * per_block - rows.shape[2]))
         out[:, :, first:last] = per_key.view(b, h, last - first, per_block, n).sum(3)
     return out
