@@ -26,8 +26,8 @@ attention it replaces in `"selection_flops"` and `"dense_flops"`.
 `sparse-dit eval` against dense) stride 8 ranks blocks too far from their exact mass to pay:
 - stride 8, threshold 0.95: density 0.267, 35.5 dB PSNR against random blocks' 32.2 at that density (+3.2 dB),
   1.47x end to end; at threshold 0.92 it is faster (0.222, 1.57x) but only 1.8 dB above random;
-- stride 4, threshold 0.9: 0.214, 35.0 dB against 30.9 (+4.1 dB), 1.76x end to end, planning 12.6% of the
-  sparse attention time.
+- stride 4, threshold 0.9: 0.214, 35.0 dB against 30.9 (+4.1 dB; `oracle` 40.4), 1.54x end to end, planning
+  10.8% of the sparse attention time (medians of 3 runs after a warm-up; docs/benchmarks.md).
 Keeping each query block's top 20% of key blocks, the stride-4 scores hold 0.911, 0.724, 0.876 and 0.905 of
 the exact attention mass at four sites of that run, stride 8's 0.883, 0.664, 0.842 and 0.876, the ideal choice
 0.923, 0.734, 0.885 and 0.916. Stride 4 costs twice the multiply-adds (1/8 of dense attention's) and four times
