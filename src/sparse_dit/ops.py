@@ -228,4 +228,4 @@ def top_p_select(scores: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, index, keep_sorted)
 
 
-__all__ = ["block_attention_mass", "block_mean_pool", "kmeans_assign", "kmeans_update", "top_p_select"]
+__all__ = ["block_attention_mass", "block_mean_pool", "block_sums", "kmeans_assign", "kmeans_update", "top_p_select"]

@@ -5,7 +5,8 @@ depend on the input, layer and head but hardly on the denoising step. So instead
 step, it runs a *precise* search at a few steps and reuses the chosen key blocks in between:
 
 1. **Search** (at the first sparse step): compute the LSE of dense attention once and cache it
-   (`SiteState.lse`; on CPU found on the way of the mass pass), and the exact attention mass of every (query block, key block) pair,
+   (`SiteState.lse`; on CPU found on the way of the mass pass), and the exact attention mass of every
+   (query block, key block) pair,
    mass[i, j] = sum over rows r of block i, keys c of block j of exp(q_r . k_c * scale - lse_r)
    (`ops.block_attention_mass`, a Triton kernel on CUDA), the paper's "fused LSE-cached search".
 2. **Select** per query block ("row-wise", §4.3): the key blocks in descending mass until a cumulative threshold
