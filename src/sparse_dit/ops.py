@@ -173,14 +173,9 @@ def block_attention_mass(
         stop = min(s, start + rows)
         scores = qh[:, :, start:stop] @ kt  # (B, H, r, S)
         if lse is None:
-            # exp(x - max) summed per block, then divided by its row's sum: the row's LSE is max + log(sum), and
-            # the division touches the (r, n) block sums, not the (r, S) chunk.
-            peak = scores.amax(dim=-1, keepdim=True)
-            exps = scores.sub_(peak).exp_()
-            total = exps.sum(dim=-1, keepdim=True)
-            per_key_block = block_sums(exps, block_size, n).div_(total)
+            per_key_block, row_lse = softmax_block_sums(scores, block_size, n)
             if found is not None:
-                found[:, :, start:stop] = (peak + total.log())[..., 0]
+                found[:, :, start:stop] = row_lse
         else:  # a row that attended nothing has LSE -inf: +inf makes its mass 0 instead of inf
             row_lse = lse[:, :, start:stop].float()
             row_lse = row_lse.masked_fill(row_lse == float("-inf"), float("inf"))
@@ -190,6 +185,18 @@ def block_attention_mass(
         padded = F.pad(per_key_block, (0, 0, 0, (last - first) * block_size - (stop - start)))
         out[:, :, first:last] = padded.view(b, h, last - first, block_size, n).sum(3)
     return (out, found) if return_lse else out
+
+
+def softmax_block_sums(scores: torch.Tensor, block_size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of each row of `scores` (..., S), summed over consecutive blocks of `block_size`: (..., n), with
+    each row's log-sum-exp (...). Overwrites `scores` with exp(scores - row max).
+
+    exp(x - max) is summed per block, then divided by the row's sum: the division touches the (..., n) block sums,
+    not the (..., S) scores, and the row's LSE is max + log(sum) at no extra pass."""
+    peak = scores.amax(dim=-1, keepdim=True)
+    exps = scores.sub_(peak).exp_()
+    total = exps.sum(dim=-1, keepdim=True)
+    return block_sums(exps, block_size, n).div_(total), (peak + total.log())[..., 0]
 
 
 def block_sums(x: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
@@ -228,4 +235,4 @@ def top_p_select(scores: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, index, keep_sorted)
 
 
-__all__ = ["block_attention_mass", "block_mean_pool", "block_sums", "kmeans_assign", "kmeans_update", "top_p_select"]
+__all__ = ["block_attention_mass", "block_mean_pool", "block_sums", "kmeans_assign", "kmeans_update", "softmax_block_sums", "top_p_select"]

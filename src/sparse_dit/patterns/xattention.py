@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError, ShapeError
-from ..ops import block_sums
+from ..ops import softmax_block_sums
 from ..plan import AttentionPlan
 from ..state import SiteState
 from .adaspa import ThresholdOrDensity, check_budget, check_scale, count_selection, select_by_count, select_by_threshold
@@ -160,7 +160,8 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
     g = -(-s // stride)
     # The scale goes into q once (a power of two at D = 64 and stride 4 or 8, exact in bfloat16). Each chunk's
     # product and its float32 copy reuse two buffers, updated in place: a fresh multi-MB tensor per chunk costs
-    # its page faults, and a softmax from bfloat16 took 2x as long as the exp in place below, normalised per block.
+    # its page faults, and a softmax from bfloat16 took 2x as long as the in-place exp of
+    # `softmax_block_sums`.
     qg = _grouped(q, stride, True, dtype).mul_(scale)
     kg = _grouped(k, stride, False, dtype).transpose(-1, -2)
     out = torch.empty(b, h, n, n, dtype=torch.float32, device=q.device)
@@ -175,9 +176,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
         x = torch.matmul(rows, kg, out=product[: math.prod(shape)].view(shape))
         if x.dtype != torch.float32:
             x = logits[: math.prod(shape)].view(shape).copy_(x)
-        x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-        # Softmax over each row of groups, summed per key block: exp summed per block, then divided by the row's sum.
-        per_key = block_sums(x, per_block, n).div_(x.sum(dim=-1, keepdim=True))  # (B, H, r, n)
+        per_key = softmax_block_sums(x, per_block, n)[0]  # (B, H, r, n): each row of groups' softmax per key block
         if rows.shape[2] != (last - first) * per_block:  # zero rows past S add nothing to the sums
             per_key = F.pad(per_key, (0, 0, 0, (last - first) * per_block - rows.shape[2]))
         out[:, :, first:last] = per_key.view(b, h, last - first, per_block, n).sum(3)
