@@ -35,7 +35,7 @@ FIELDS = ("fixed", "variable", "order", "head_mode", "int8", "int4", "mask", "ls
 # table is a deliberate change here too.
 RUNS_ON_CPU = {
     "reference": set(FIELDS),
-    "gather": {"fixed", "variable", "order", "head_mode", "lse"},
+    "gather": {"fixed", "variable", "order", "head_mode", "lse", "grad"},
     "flex": {"fixed", "order", "head_mode", "int8", "int4"},
     "triton": {"fixed", "variable", "order", "head_mode", "int8", "int4", "lse"} if triton_interpreter.HAS_TRITON else set(),
     "auto": set(FIELDS),
@@ -183,7 +183,8 @@ def test_auto_on_cpu_prefers_gather_from_auto_min_seq():
     assert select_backend(plan, q) == "gather"
     assert select_backend(plan, q, return_lse=True) == "gather"  # the LSE from the same kernel calls
     assert select_backend(plan, q, torch.ones(1, 1, 1, 640, dtype=torch.bool)) == "reference"
-    assert select_backend(plan, q.requires_grad_()) == "reference"
+    assert select_backend(plan, q.requires_grad_()) == "gather"  # through autograd
+    assert select_backend(plan, q, return_lse=True) == "reference"  # no LSE with a gradient
     short = AttentionPlan.full(S, BLOCK)
     assert select_backend(short, torch.randn(1, S, H, D)) == "reference"
 
@@ -203,17 +204,34 @@ def test_auto_on_cuda_prefers_triton_then_flex(monkeypatch):
     with pytest.raises(ConfigError, match="head dim 96 on cuda .it takes 64, 128.; backends that can: reference, flex"):
         choose_backend(dataclasses.replace(gpu, head_dim=96), "triton")
     with pytest.raises(ConfigError, match="a gradient .* on cpu; backends that can: reference, or 'auto'"):
-        choose_backend(dataclasses.replace(gpu, device="cpu", grad=True), "flex")
+        choose_backend(dataclasses.replace(gpu, device="cpu", grad=True, dtype=torch.float32, variable_blocks=True), "flex")
+    cpu = dataclasses.replace(gpu, device="cpu", grad=True)
+    assert choose_backend(cpu) == "gather"
+    assert choose_backend(dataclasses.replace(cpu, lse=True)) == "reference"
+    assert choose_backend(dataclasses.replace(cpu, variable_blocks=True)) == "reference"
 
 
-def test_gather_refuses_a_gradient_through_the_keys_alone():
-    q, v = torch.randn(1, 640, H, D), torch.randn(1, 640, H, D)
-    k = torch.randn(1, 640, H, D, requires_grad=True)
-    plan = AttentionPlan.full(640, BLOCK)
-    with pytest.raises(ConfigError, match="gradient"):
-        kernels.run(q, k, v, plan, backend="gather")
-    out = kernels.run(q, k, v, plan)  # auto: the reference, which has a backward
-    assert out.requires_grad
+@pytest.mark.parametrize("field", ["variable", "lse"])
+def test_gather_refuses_a_gradient_through_variable_blocks_or_the_lse(field):
+    plan, _, lse, _ = case(field)
+    q, k, v = inputs(True)
+    with pytest.raises(ConfigError, match="gradient .* through variable blocks or the LSE; backends that can: reference"):
+        kernels.run(q, k, v, plan, backend="gather", return_lse=lse)
+    result = kernels.run(q, k, v, plan, return_lse=lse)  # auto: the reference
+    assert (result[0] if lse else result).requires_grad
+
+
+@pytest.mark.parametrize("needs_grad", ["q", "k", "v"])
+def test_gather_gradient_through_one_input_alone(needs_grad):
+    """Autograd routes to the differentiable gather when any one input needs a gradient; the others get none."""
+    plan = case("order")[0]
+    tensors = dict(zip("qkv", inputs(False)))
+    tensors[needs_grad].requires_grad_(True)
+    out = kernels.run(*tensors.values(), plan, backend="gather")
+    (got,) = torch.autograd.grad(out.pow(2).sum(), tensors[needs_grad])
+    fresh = {name: x.detach().clone().requires_grad_(name == needs_grad) for name, x in tensors.items()}
+    (want,) = torch.autograd.grad(kernels.run(*fresh.values(), plan, backend="reference").pow(2).sum(), fresh[needs_grad])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
 
 
 def test_unknown_backend():

@@ -137,12 +137,16 @@ def test_trajectory_examples_are_the_teachers_own_sampler_states():
         examples = teacher_samples(teacher, settings, torch.Generator().manual_seed(0), chunk=2, keep_from=keep_from)
         assert examples.states.shape == (3, 4 - keep_from, *examples.clips.shape[1:])
         assert torch.equal(examples.levels, sampler_levels(teacher, 4)[keep_from:])
+        assert examples.targets.shape == examples.states.shape
         # Finish sample 1 from its last kept state with the last sampler step: its clip, exactly.
         scheduler = teacher.scheduler
         scheduler.set_timesteps(4)
         t = scheduler.timesteps[-1]
         state = examples.states[1, -1:]
         velocity = teacher.velocity(state, t.expand(1), examples.text[1:2])
+        # The kept target is the teacher's prediction from that state, taken from the call that made the clip.
+        torch.testing.assert_close(examples.targets[1, -1:], teacher.predict_clean(state, t.expand(1), examples.text[1:2]),
+                                   rtol=0, atol=1e-5)
         scheduler._step_index = 3
         done = scheduler.step(velocity, t, state, return_dict=False)[0]
         torch.testing.assert_close(done, examples.clips[1:2], rtol=0, atol=1e-5)
@@ -151,21 +155,25 @@ def test_trajectory_examples_are_the_teachers_own_sampler_states():
     assert examples.states[:, 0].std().item() == pytest.approx(1.0, abs=0.2)
 
 
-def test_distill_on_trajectory_states_lowers_the_loss(tmp_path):
+@pytest.mark.parametrize("attention_loss", [0.0, 0.5])
+def test_distill_on_trajectory_states_lowers_the_loss(tmp_path, attention_loss):
     settings = DistillSettings(steps=12, num_frames=4, height=32, width=32, samples=2, sample_steps=3, validation=2,
-                               checkpoint_every=0, lr=5e-4, noise_levels="trajectory")
+                               checkpoint_every=0, lr=5e-4, noise_levels="trajectory", attention_loss=attention_loss)
     record = distill(tmp_path, "window", {"window": (1, 3, 3), "min_seq_len": 0, "block_size": 16, "dense_steps": 1},
                      settings=settings)
     assert record["validation"][-1]["loss"] < record["validation"][0]["loss"]
     assert all(0 < r["density"] < 0.6 for r in record["log"])
+    # The attention term adds to the clean-clip MSE, which alone is under 0.01 here.
+    assert (min(r["loss"] for r in record["log"]) > 0.01) == (attention_loss > 0)
 
 
 def test_trajectory_validation_uses_a_held_out_clip():
     from sparse_dit.demo.distill import Examples
 
     examples = Examples(torch.arange(3.0).view(3, 1), torch.zeros(3, 2, 1), torch.ones(3, 2, 1),
-                        torch.arange(6.0).view(3, 2, 1), torch.tensor([0.5, 0.25]))
+                        torch.arange(6.0).view(3, 2, 1), torch.tensor([0.5, 0.25]), -torch.arange(6.0).view(3, 2, 1))
     rest = examples.split(2)
     assert examples.clips.flatten().tolist() == [0, 1] and rest.clips.flatten().tolist() == [2]
     assert examples.states.shape[0] == 2 and rest.states.flatten().tolist() == [4, 5]
+    assert examples.targets.shape[0] == 2 and rest.targets.flatten().tolist() == [-4, -5]
     assert rest.levels is examples.levels

@@ -222,3 +222,29 @@ def test_flex_agrees_or_refuses(d):
 def test_flex_takes_wide_values(d):
     """v's head dim of its own (48 against 32), which the table says flex honours: one more compile."""
     check(d, "flex")
+
+
+# Gradients sum over every query of a key: looser than the outputs by about the square root of the keys kept.
+GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(d=draws(max_blocks=4, blocks=[16, 32, 48], head_dims=[32, 64], wide_values="never"))
+def test_gather_gradients_agree_with_the_reference_or_refuse(d):
+    """The autograd path of gather (training onto a static pattern): dq, dk and dv against the float64 reference's
+    under the same random output gradient; variable blocks and low-bit Q·K must be refused."""
+    plan = dataclasses.replace(d.plan)
+    q, k, v = (x.detach().clone().requires_grad_() for x in (d.q, d.k, d.v))
+    if not honours("gather", Call.of(plan, q, None, False, grad=True)):
+        with pytest.raises(ConfigError, match="backend 'gather' cannot honour"):
+            kernels.run(q, k, v, plan, backend="gather")
+        return
+    out = kernels.run(q, k, v, plan, backend="gather")
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(out, (q, k, v), cotangent.to(out.dtype))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (d.q, d.k, d.v))
+    want = torch.autograd.grad(kernels.run(q64, k64, v64, d.plan, backend="reference"), (q64, k64, v64), cotangent.double())
+    tol = GRAD_TOLERANCE[d.q.dtype]
+    for name, got, expected_grad in zip("qkv", grads, want):
+        assert got.dtype == d.q.dtype
+        torch.testing.assert_close(got.double(), expected_grad, atol=tol, rtol=tol, msg=lambda m: f"d{name}: {m}")

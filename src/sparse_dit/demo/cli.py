@@ -90,7 +90,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     settings = DistillSettings(**given(steps=args.steps, batch=args.batch, num_frames=args.num_frames, height=args.height,
                                        width=args.width, samples=args.samples, sample_steps=args.sample_steps,
                                        validation=args.validation, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                                       seed=args.seed, noise_levels=args.noise_levels))
+                                       seed=args.seed, noise_levels=args.noise_levels,
+                                       attention_loss=args.attention_loss))
     record = distill(Path(args.out), args.method, parse_key_values(args.config), teacher=args.teacher,
                      settings=settings, device=args.device)
     first, last = record["validation"][0]["loss"], record["validation"][-1]["loss"]
@@ -231,5 +232,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          help="what to distil on: sparse, the teacher's clips noised to the sampler's levels at the steps "
                               "the pattern runs after the dense warm-up of --sample-steps; all, noised as the demo was "
                               "trained; or trajectory, the teacher sampler's own states at those steps (default: sparse)")
+    distill.add_argument("--attention-loss", type=float, default=None, metavar="WEIGHT",
+                         help="weight of CLEAR's second loss term, each self-attention output against the dense "
+                              "teacher's as a relative MSE, mean over the layers; 0 for the clean-clip loss alone (default: 0.0)")
     distill.add_argument("--device", default="cpu", help="torch device")
     distill.set_defaults(func=cmd_distill)

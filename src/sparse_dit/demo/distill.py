@@ -24,19 +24,23 @@ into a folder any `from_pretrained` reads, and CLEAR too trains the full attenti
 uses (`attention_sites`), so it is the set the pattern applies to on any supported model.
 
 Gradients flow through the sparse attention itself: the student calls need a gradient, so backend "auto" routes
-them to a kernel that honours one (the reference on CPU), and every step checks that its attention ran sparse
-(the stats' density below 1) rather than silently dense.
+them to a kernel that honours one (on CPU the gather path through autograd, whose cost falls with the density,
+`kernels.gather.gather_attention_autograd`; the reference for variable blocks), and every step checks that its
+attention ran sparse (the stats' density below 1) rather than silently dense. On sampler states the teacher's
+predictions are kept from the calls that generated the clips, so a step runs no teacher forward unless the
+caption was dropped or `attention_loss` asks for the teacher's attention outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -73,6 +77,9 @@ class DistillSettings:
             training distribution) or "trajectory" (the teacher's own sampler states at the steps the pattern runs).
         checkpoint_every: steps between checkpoints (`checkpoint-<step>` folders); 0 writes none.
         seed: seed of the captions, noises and noise levels.
+        attention_loss: weight of CLEAR's second term: each sparse self-attention output against the dense
+            teacher's at the same site, as an MSE relative to the teacher's mean square, averaged over the sites;
+            0 trains on the clean-clip prediction alone. It costs a teacher forward per step.
     """
 
     steps: int = 400
@@ -87,14 +94,15 @@ class DistillSettings:
     checkpoint_every: int = 100
     seed: int = 0
     noise_levels: str = "sparse"
+    attention_loss: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.validation < 0 or self.checkpoint_every < 0 or not self.lr > 0:
-            raise ConfigError("validation and checkpoint_every must be >= 0 and lr > 0, got "
-                              f"{self.validation}, {self.checkpoint_every}, {self.lr}")
+        if self.validation < 0 or self.checkpoint_every < 0 or not self.lr > 0 or not self.attention_loss >= 0:
+            raise ConfigError("validation, checkpoint_every and attention_loss must be >= 0 and lr > 0, got "
+                              f"{self.validation}, {self.checkpoint_every}, {self.attention_loss}, {self.lr}")
         if self.noise_levels not in NOISE_LEVELS:
             raise ConfigError(f"noise_levels={self.noise_levels!r} must be one of {', '.join(NOISE_LEVELS)}")
 
@@ -102,20 +110,25 @@ class DistillSettings:
 @dataclass
 class Examples:
     """Teacher-generated clean clips and their caption embeddings: clips (N, C, F, H, W), text and empty (N, L, d);
-    with `keep_from`, also the sampler's states on the way: states (N, T, C, F, H, W) at noise levels (T,)."""
+    with `keep_from`, also the sampler's states on the way, states (N, T, C, F, H, W) at noise levels (T,), and
+    the teacher's clean-clip predictions from them under the caption, targets (N, T, C, F, H, W)."""
 
     clips: torch.Tensor
     text: torch.Tensor
     empty: torch.Tensor
     states: torch.Tensor | None = None
     levels: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def split(self, n: int) -> "Examples":
         """Keep the first `n` clips; return the others as their own `Examples`."""
-        rest = Examples(self.clips[n:], self.text[n:], self.empty[n:],
-                        None if self.states is None else self.states[n:], self.levels)
-        self.clips, self.text, self.empty = self.clips[:n], self.text[:n], self.empty[:n]
-        self.states = None if self.states is None else self.states[:n]
+        def cut(x: torch.Tensor | None, keep: bool) -> torch.Tensor | None:
+            return None if x is None else x[:n] if keep else x[n:]
+
+        rest = Examples(*(cut(x, False) for x in (self.clips, self.text, self.empty, self.states)), self.levels,
+                        cut(self.targets, False))
+        self.clips, self.text, self.empty, self.states, self.targets = (
+            cut(x, True) for x in (self.clips, self.text, self.empty, self.states, self.targets))
         return rest
 
 
@@ -165,29 +178,43 @@ def training_config(config: SparseAttentionConfig) -> SparseAttentionConfig:
 def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen: torch.Generator,
                     chunk: int = 4, keep_from: int | None = None, extra: int = 0) -> Examples:
     """`settings.samples` (+ `extra`) clips the dense teacher generates from random captions, as (clean) latents;
-    with `keep_from`, also the latents entering each of its sampler steps from that one on."""
+    with `keep_from`, also the latents entering each of its sampler steps from that one on, and the teacher's
+    predictions from them: the targets come from the very transformer calls that made the clips, so training
+    on them costs no teacher forward."""
     captions = [sample_spec(gen).caption for _ in range(settings.samples + extra)]
-    clips, states = [], []
+    clips, states, targets = [], [], []
 
     def keep(pipe: ShapesVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
         if keep_from is not None and keep_from <= i + 1 < settings.sample_steps:  # the input of step i + 1
             states[-1].append(tensors["latents"].clone())
         return tensors
 
-    for start in tqdm(range(0, len(captions), chunk), desc="teacher samples", unit="batch"):
-        part = captions[start : start + chunk]
-        seeds = [torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen))) for _ in part]
-        states.append([])
-        if keep_from == 0:  # the first step's input is the noise itself, drawn as the pipeline draws it
-            states[-1].append(torch.cat([torch.randn(1, teacher.latent_channels, settings.num_frames, settings.height,
-                                                     settings.width, generator=torch.Generator().set_state(g.get_state())) for g in seeds]))
-        clips.append(teacher(part, num_frames=settings.num_frames, height=settings.height, width=settings.width,
-                             num_inference_steps=settings.sample_steps, generator=seeds, output_type="latent",
-                             callback_on_step_end=keep).frames)
+    def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        calls[0] += 1  # one transformer call per sampler step
+        if calls[0] > keep_from:  # the captioned half comes first where guidance batches the empty caption after it
+            targets[-1].append(output[0][: len(part)].float().clone())
+
+    hook = teacher.transformer.register_forward_hook(record) if keep_from is not None else None
+    try:
+        for start in tqdm(range(0, len(captions), chunk), desc="teacher samples", unit="batch"):
+            part = captions[start : start + chunk]
+            seeds = [torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen))) for _ in part]
+            states.append([]), targets.append([])
+            calls = [0]
+            if keep_from == 0:  # the first step's input is the noise itself, drawn as the pipeline draws it
+                states[-1].append(torch.cat([torch.randn(1, teacher.latent_channels, settings.num_frames, settings.height,
+                                                         settings.width, generator=torch.Generator().set_state(g.get_state())) for g in seeds]))
+            clips.append(teacher(part, num_frames=settings.num_frames, height=settings.height, width=settings.width,
+                                 num_inference_steps=settings.sample_steps, generator=seeds, output_type="latent",
+                                 callback_on_step_end=keep).frames)
+    finally:
+        if hook is not None:
+            hook.remove()
     examples = Examples(torch.cat(clips), teacher.encode_prompt(captions), teacher.encode_prompt([""] * len(captions)))
     if keep_from is not None:
         examples.states = torch.cat([torch.stack(part, dim=1) for part in states])
         examples.levels = sampler_levels(teacher, settings.sample_steps)[keep_from:]
+        examples.targets = torch.cat([torch.stack(part, dim=1) for part in targets])
     return examples
 
 
@@ -205,17 +232,20 @@ def sparse_noise_levels(teacher: ShapesVideoPipeline, config: SparseAttentionCon
 
 
 def draw(examples: Examples, count: int, gen: torch.Generator,
-         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`count` training examples: noisy clips x_t (count, C, F, H, W), timesteps t * 1000 (count,) and caption
-    embeddings (count, L, d), an empty caption with probability CAPTION_DROPOUT. Examples with sampler states give
-    those states; otherwise `levels` (n,) are the noise levels to draw t from, None the demo's training
-    distribution."""
+         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`count` training examples: noisy clips x_t (count, C, F, H, W), timesteps t * 1000 (count,), caption
+    embeddings (count, L, d), an empty caption with probability CAPTION_DROPOUT, and the teacher's predictions
+    (count, C, F, H, W) where the examples hold them (sampler states under their caption), else None. Examples
+    with sampler states give those states; otherwise `levels` (n,) are the noise levels to draw t from, None the
+    demo's training distribution."""
     index = torch.randint(examples.clips.shape[0], (count,), generator=gen)
     x0 = examples.clips[index]
     noise = torch.randn(x0.shape, generator=gen)
+    target = None
     if examples.states is not None:  # the teacher's own sampler states: x_t is where its run was at t
         step = torch.randint(len(examples.levels), (count,), generator=gen)
         xt, t = examples.states[index, step], examples.levels[step]
+        target = None if examples.targets is None else examples.targets[index, step]
     elif levels is None:
         u = torch.rand(count, generator=gen).clamp(1e-3, 1 - 1e-3)
         t = SHIFT * u / (1 + (SHIFT - 1) * u)  # the demo's training noise levels (train._noise_levels)
@@ -226,7 +256,9 @@ def draw(examples: Examples, count: int, gen: torch.Generator,
         xt = (1 - sigma) * x0 + sigma * noise.to(x0.device)
     drop = (torch.rand(count, generator=gen) < CAPTION_DROPOUT).view(-1, 1, 1)
     text = torch.where(drop.to(x0.device), examples.empty[index], examples.text[index])
-    return xt, (t * 1000).to(x0.device), text
+    if bool(drop.any()):  # the kept predictions are under the caption
+        target = None
+    return xt, (t * 1000).to(x0.device), text, target
 
 
 def sparse_density(student: ShapesVideoPipeline) -> float:
@@ -305,7 +337,8 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     bar = tqdm(range(1, settings.steps + 1), desc=f"distill {config.method}", unit="step")
     for step in bar:
         student.transformer.train()
-        loss = _train_step(student, dense, draw(examples, settings.batch, gen, levels), trained, optimiser)
+        loss = _train_step(student, dense, draw(examples, settings.batch, gen, levels), trained, optimiser,
+                           settings.attention_loss)
         schedule.step()
         density = sparse_density(student)
         log.append({"step": step, "loss": loss, "density": density, "stage": stage, "s": time.perf_counter() - start})
@@ -324,11 +357,21 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
 
 
 def _train_step(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, batch: tuple[torch.Tensor, ...],
-                trained: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer) -> float:
-    """One optimiser step on (x_t, t, text) from `draw`: MSE of the sparse student's clean-clip prediction against
-    the dense teacher's. Returns the loss."""
-    xt, t, text, target = _with_target(teacher, *batch)
-    loss = torch.nn.functional.mse_loss(student.predict_clean(xt, t, text), target)
+                trained: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer, attention_loss: float = 0.0) -> float:
+    """One optimiser step on (x_t, t, text, target or None) from `draw`: MSE of the sparse student's clean-clip
+    prediction against the dense teacher's, plus `attention_loss` times the mean relative MSE of the self-attention
+    outputs. Returns the loss."""
+    xt, t, text, target = batch
+    if attention_loss:
+        with torch.no_grad(), attention_outputs(teacher) as expected:
+            target = teacher.predict_clean(xt, t, text)
+    else:
+        xt, t, text, target = _with_target(teacher, *batch)
+    with attention_outputs(student) as got:
+        loss = torch.nn.functional.mse_loss(student.predict_clean(xt, t, text), target)
+    if attention_loss:
+        sites = [torch.nn.functional.mse_loss(a, b) / b.pow(2).mean() for a, b in zip(got, expected, strict=True)]
+        loss = loss + attention_loss * torch.stack(sites).mean()
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -336,9 +379,25 @@ def _train_step(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, batc
     return loss.item()
 
 
-def _with_target(teacher: ShapesVideoPipeline, xt: torch.Tensor, t: torch.Tensor,
-                 text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, text) with the dense teacher's prediction of the clean clip appended."""
+@contextlib.contextmanager
+def attention_outputs(pipe: ShapesVideoPipeline) -> Iterator[list[torch.Tensor]]:
+    """Collect the output of every self-attention module `enable_sparse_attention` applies to, in call order,
+    while the block runs."""
+    found: list[torch.Tensor] = []
+    hooks = [module.register_forward_hook(lambda m, args, out: found.append(out[0] if isinstance(out, tuple) else out))
+             for _, module in attention_sites(pipe)]
+    try:
+        yield found
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _with_target(teacher: ShapesVideoPipeline, xt: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                 target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, text, the dense teacher's prediction of the clean clip): `target` where `draw` had it kept."""
+    if target is not None:
+        return xt, t, text, target
     with torch.no_grad():
         return xt, t, text, teacher.predict_clean(xt, t, text)
 

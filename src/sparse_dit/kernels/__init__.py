@@ -6,14 +6,14 @@ Backends (what each honours exactly is `capabilities.TABLE`):
 - "gather": the CPU fast path: each query block's kept key blocks gathered and run through the CPU flash
   SDPA kernel, query blocks grouped by their key count (`kernels.gather`); variable-block plans one SDPA call
   per query cluster over its kept key clusters' tokens (`kernels.varblock`). The LSE on request, from the same
-  kernel calls (ring attention's shards). No low-bit Q·K, no model mask, no gradient, one head dim for q, k
-  and v; no compilation.
+  kernel calls (ring attention's shards). A gradient for fixed-block plans without the LSE (the same gather
+  through autograd). No low-bit Q·K, no model mask, one head dim for q, k and v; no compilation.
 - "flex": compiled FlexAttention over a BlockMask of the plan's kept blocks (runs on CPU and CUDA; slower
   than "gather" on CPU, see docs/benchmarks.md). Fixed blocks, no model mask; on CPU no LSE, no gradient.
 - "reference": dense attention under the plan's expanded token mask; exact, O(S^2) memory, any plan.
 - "auto": on CUDA "triton" where it honours the call, else "flex"; on CPU "gather" where it does; below
-  AUTO_MIN_SEQ tokens, and for what no fast path honours (low-bit Q·K on CPU, model masks, a gradient on
-  CPU), "reference" (`capabilities.select_backend`).
+  AUTO_MIN_SEQ tokens, and for what no fast path honours (low-bit Q·K on CPU, model masks, a gradient through
+  variable blocks or the LSE on CPU), "reference" (`capabilities.select_backend`).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def run(
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     backend = select_backend(plan, q, attn_mask, return_lse, backend, grad=grad, v_head_dim=v.shape[-1])
     if backend == "gather":
+        if grad:
+            return gather.gather_attention_autograd(q, k, v, plan, scale=scale)
         if plan.q_bounds is not None or plan.k_bounds is not None:
             return varblock.varblock_attention(q, k, v, plan, scale=scale, return_lse=return_lse)
         return gather.gather_attention(q, k, v, plan, scale=scale, return_lse=return_lse)

@@ -54,6 +54,7 @@ class Capabilities:
         attn_mask: a model attention mask.
         lse: `return_lse=True`.
         grad: inputs that require a gradient, with autograd enabled.
+        grad_fixed_only: the gradient only for fixed-block plans without the LSE.
         devices: device types (`torch.device.type`) of this row; None: any.
         dtypes: input dtypes; None: any.
         head_dims: head dims; None: any.
@@ -75,17 +76,18 @@ class Capabilities:
     head_dims: frozenset[int] | None
     v_head_dim: bool
     runtime: Runtime = "torch"
+    grad_fixed_only: bool = False
 
 
 def _row(*, variable_blocks: bool, quant: tuple[str, ...], attn_mask: bool, lse: bool, grad: bool,
          devices: tuple[str, ...] | None, dtypes: tuple[torch.dtype, ...] | None, head_dims: tuple[int, ...] | None,
-         v_head_dim: bool, runtime: Runtime = "torch") -> Capabilities:
+         v_head_dim: bool, runtime: Runtime = "torch", grad_fixed_only: bool = False) -> Capabilities:
     """A row of the table; every backend runs fixed blocks, token orders and head modes."""
     return Capabilities(
         fixed_blocks=True, variable_blocks=variable_blocks, order=True, head_modes=True, quant=frozenset(quant),
         attn_mask=attn_mask, lse=lse, grad=grad, devices=None if devices is None else frozenset(devices),
         dtypes=None if dtypes is None else frozenset(dtypes), head_dims=None if head_dims is None else frozenset(head_dims),
-        v_head_dim=v_head_dim, runtime=runtime,
+        v_head_dim=v_head_dim, runtime=runtime, grad_fixed_only=grad_fixed_only,
     )
 
 
@@ -96,12 +98,13 @@ TABLE: dict[str, tuple[Capabilities, ...]] = {
         _row(variable_blocks=True, quant=QUANT_MODES, attn_mask=True, lse=True, grad=True, devices=None,
              dtypes=(*_FLOATS, torch.float64), head_dims=None, v_head_dim=True),
     ),
-    # Gathered blocks through the CPU flash SDPA kernel: index_select(out=...) has no autograd, its key
-    # splits call the CPU-only flash kernel, and it computes Q·K in the input dtype. That kernel takes one head
-    # dim for Q, K and V, and returns the LSE. Variable blocks run per query cluster (`kernels.varblock`).
+    # Gathered blocks through the CPU flash SDPA kernel: its key splits call the CPU-only flash kernel, and it
+    # computes Q·K in the input dtype. That kernel takes one head dim for Q, K and V, and returns the LSE.
+    # Variable blocks run per query cluster (`kernels.varblock`). A gradient takes a second, out-of-place
+    # gather of fixed blocks through autograd (`gather_attention_autograd`), which returns no LSE.
     "gather": (
-        _row(variable_blocks=True, quant=("none",), attn_mask=False, lse=True, grad=False, devices=("cpu",),
-             dtypes=(*_FLOATS, torch.float64), head_dims=None, v_head_dim=False),
+        _row(variable_blocks=True, quant=("none",), attn_mask=False, lse=True, grad=True, devices=("cpu",),
+             dtypes=(*_FLOATS, torch.float64), head_dims=None, v_head_dim=False, grad_fixed_only=True),
     ),
     # Compiled FlexAttention over full kept blocks, Q and K fake-quantised beforehand. Inductor's CPU
     # template is inference-only, returns no LSE and takes no float64.
@@ -230,6 +233,8 @@ def unmet(backend: str, call: Call) -> list[str]:
         (call.attn_mask and not row.attn_mask, "a model attention mask (attn_mask)"),
         (call.lse and not row.lse, f"the LSE (return_lse=True) on {call.device}"),
         (call.grad and not row.grad, f"a gradient (inputs that require grad) on {call.device}"),
+        (call.grad and row.grad and row.grad_fixed_only and (call.variable_blocks or call.lse),
+         "a gradient (inputs that require grad) through variable blocks or the LSE"),
         (row.dtypes is not None and call.dtype not in row.dtypes,
          f"dtype {_names([call.dtype])} on {call.device} (it takes {_names(row.dtypes or ())})"),
         (row.head_dims is not None and call.head_dim not in row.head_dims,

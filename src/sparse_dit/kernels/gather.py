@@ -12,6 +12,11 @@ faults on every call. On 2 CPU cores this is 1.2-1.7x faster than compiled FlexA
 With `return_lse` the same kernel calls also return each query's log-sum-exp (ring attention's shards,
 `kernels.lse`); without it an unsplit chunk goes through the SDPA entry point and computes no LSE at all.
 `merge_lse` is the one LSE merge of the CPU paths.
+
+Inputs that need a gradient (fine-tuning onto a static pattern, `sparse-dit distill`) take
+`gather_attention_autograd` instead: the same groups, gathered with autograd's out-of-place ops and no
+workspace, so that SDPA's own backward runs on the kept blocks only. Its cost falls with the density where the
+reference's masked dense attention costs the full map forward and backward.
 """
 
 from __future__ import annotations
@@ -180,6 +185,39 @@ def block_rows(plan: AttentionPlan, *tensors: torch.Tensor, reuse: bool = False)
         padded[:, :, :s].copy_(x)
         padded[:, :, s:].zero_()
     return [x.view(b * h * n, plan.block_size, d) for x in buffers]
+
+
+# Query blocks per SDPA call of the autograd path: bigger than CHUNK, since each call also records its autograd
+# nodes and saves its gathered keys for the backward; 16 x 64 key blocks of 64 x 64 fp32 is 16 MB of K per call.
+AUTOGRAD_CHUNK = 16
+
+
+def gather_attention_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *,
+                              scale: float | None) -> torch.Tensor:
+    """`gather_attention` for inputs that require a gradient, fixed-block plans: (B, S, H, D) in, (B, S, H, D)
+    out, differentiable in q, k and v. Each query block's kept key blocks are gathered by `index_select` (whose
+    backward scatters the key gradients back) and run through SDPA, whose CPU flash kernel has a backward."""
+    b, s, h, d = q.shape
+    bs, n = plan.block_size, plan.num_blocks[0]
+    qb, kb, vb = (F.pad(x, (0, 0, 0, n * bs - s)).reshape(b * h * n, bs, x.shape[-1])
+                  for x in permute(plan, *(x.transpose(1, 2) for x in (q, k, v))))
+    outs, rows = [], []
+    for group in groups(plan, b, h, q.device):
+        kept = group.cols.shape[1]
+        if kept == 0:  # attends nothing: stays 0, as in the reference
+            continue
+        for start in range(0, len(group.rows), AUTOGRAD_CHUNK):
+            part, cols = group.rows[start : start + AUTOGRAD_CHUNK], group.cols[start : start + AUTOGRAD_CHUNK].flatten()
+            kg, vg = (x.index_select(0, cols).view(len(part), 1, kept * bs, d) for x in (kb, vb))
+            mask = None if group.valid is None else group.valid[start : start + AUTOGRAD_CHUNK]
+            outs.append(F.scaled_dot_product_attention(qb.index_select(0, part)[:, None], kg, vg, attn_mask=mask,
+                                                       scale=scale)[:, 0])
+            rows.append(part)
+    out = qb.new_zeros(qb.shape)
+    if outs:
+        out = out.index_copy(0, torch.cat(rows), torch.cat(outs))
+    out, _ = finish(plan, out.view(b, h, n * bs, d)[:, :, :s], None)
+    return out.transpose(1, 2)
 
 
 _local = threading.local()
