@@ -91,7 +91,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                        width=args.width, samples=args.samples, sample_steps=args.sample_steps,
                                        validation=args.validation, lr=args.lr, checkpoint_every=args.checkpoint_every,
                                        seed=args.seed, noise_levels=args.noise_levels,
-                                       attention_loss=args.attention_loss))
+                                       attention_loss=args.attention_loss, train=args.train))
     record = distill(Path(args.out), args.method, parse_key_values(args.config), teacher=args.teacher,
                      settings=settings, device=args.device)
     first, last = record["validation"][0]["loss"], record["validation"][-1]["loss"]
@@ -235,5 +235,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--attention-loss", type=float, default=None, metavar="WEIGHT",
                          help="weight of CLEAR's second loss term, each self-attention output against the dense "
                               "teacher's as a relative MSE, mean over the layers; 0 for the clean-clip loss alone (default: 0.0)")
+    distill.add_argument("--train", choices=("self", "all"), default=None, metavar="WHICH",
+                         help="which attention weights learn: self, the self-attention the pattern replaces; or all, "
+                              "also the cross-attention to the caption (default: self)")
     distill.add_argument("--device", default="cpu", help="torch device")
     distill.set_defaults(func=cmd_distill)

@@ -48,8 +48,8 @@ from tqdm import tqdm
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError, SparseDiTError
 from ..patterns import PlanContext, build_planner, resolve_config
-from ..plugin import attention_sites, enable_sparse_attention
-from ..plugin.api import runtime_of
+from ..plugin import attention_sites, compat, enable_sparse_attention
+from ..plugin.api import named_transformers, runtime_of
 from .clips import sample_spec
 from .pipeline import PATCH, SHIFT, ShapesVideoPipeline
 from .train import CAPTION_DROPOUT, loss_curve_svg
@@ -80,6 +80,8 @@ class DistillSettings:
         attention_loss: weight of CLEAR's second term: each sparse self-attention output against the dense
             teacher's at the same site, as an MSE relative to the teacher's mean square, averaged over the sites;
             0 trains on the clean-clip prediction alone. It costs a teacher forward per step.
+        train: "self", the self-attention modules the pattern replaces, or "all", also the cross-attention to the
+            caption (the other attention modules of the transformer).
     """
 
     steps: int = 400
@@ -95,6 +97,7 @@ class DistillSettings:
     seed: int = 0
     noise_levels: str = "sparse"
     attention_loss: float = 0.0
+    train: str = "self"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
@@ -103,6 +106,8 @@ class DistillSettings:
         if self.validation < 0 or self.checkpoint_every < 0 or not self.lr > 0 or not self.attention_loss >= 0:
             raise ConfigError("validation, checkpoint_every and attention_loss must be >= 0 and lr > 0, got "
                               f"{self.validation}, {self.checkpoint_every}, {self.attention_loss}, {self.lr}")
+        if self.train not in ("self", "all"):
+            raise ConfigError(f"train={self.train!r} must be 'self' or 'all'")
         if self.noise_levels not in NOISE_LEVELS:
             raise ConfigError(f"noise_levels={self.noise_levels!r} must be one of {', '.join(NOISE_LEVELS)}")
 
@@ -132,22 +137,31 @@ class Examples:
         return rest
 
 
-def attention_parameters(pipe: Any) -> dict[str, torch.nn.Parameter]:
-    """name -> parameter of every self-attention module that `enable_sparse_attention` makes sparse in `pipe`."""
+def attention_parameters(pipe: Any, scope: str = "self") -> dict[str, torch.nn.Parameter]:
+    """name -> parameter of every self-attention module that `enable_sparse_attention` makes sparse in `pipe`;
+    with scope "all", also of the transformer's other attention modules (the cross-attention to the caption)."""
     found = {}
     for site, module in attention_sites(pipe):
         for name, param in module.named_parameters():
             found[f"{site.id}.{name}"] = param
+    if scope == "all":
+        classes = compat.load().attention_classes
+        for component, model in named_transformers(pipe).items():
+            for module_name, module in model.named_modules():
+                if isinstance(module, classes):
+                    for name, param in module.named_parameters():
+                        found.setdefault(f"{component}.{module_name}.{name}", param)
     return found
 
 
-def make_student(teacher: ShapesVideoPipeline) -> ShapesVideoPipeline:
+def make_student(teacher: ShapesVideoPipeline, scope: str = "self") -> ShapesVideoPipeline:
     """A pipeline sharing the teacher's tokenizer, text encoder and scheduler around a copy of its transformer,
-    with only the self-attention weights trainable. The teacher must not have sparse attention enabled."""
+    with only the attention weights of `scope` (see `attention_parameters`) trainable. The teacher must not have
+    sparse attention enabled."""
     student = ShapesVideoPipeline(tokenizer=teacher.tokenizer, text_encoder=teacher.text_encoder,
                                   transformer=copy.deepcopy(teacher.transformer), scheduler=copy.deepcopy(teacher.scheduler))
     student.transformer.requires_grad_(False)
-    for param in attention_parameters(student).values():
+    for param in attention_parameters(student, scope).values():
         param.requires_grad_(True)
     student.set_progress_bar_config(disable=True)
     return student
@@ -312,7 +326,7 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     dense = load_demo_pipeline(teacher).to(device)
     dense.set_progress_bar_config(disable=True)
     dense.transformer.requires_grad_(False)
-    student = make_student(dense)
+    student = make_student(dense, settings.train)
     enable_sparse_attention(student, training_config(config))
     levels = sparse_noise_levels(dense, config, settings.sample_steps) if settings.noise_levels != "all" else None
     trajectory = settings.noise_levels == "trajectory"
@@ -325,9 +339,9 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     held_out = examples.split(settings.samples) if trajectory and settings.validation else examples
     val = [_with_target(dense, *draw(held_out, 1, gen, levels)) for _ in range(settings.validation)]
     record: dict[str, Any] = {"method": config.method, "config": _options(config), "settings": asdict(settings),
-                              "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student)),
+                              "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student, settings.train)),
                               "validation": [{"step": 0, "loss": validation_loss(student, val)}]}
-    trained = [p for p in attention_parameters(student).values() if p.requires_grad]
+    trained = [p for p in attention_parameters(student, settings.train).values() if p.requires_grad]
     optimiser = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
     warmup = max(1, settings.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min((i + 1) / warmup, 0.5 * (
