@@ -20,8 +20,14 @@ What is trained: every weight of the self-attention modules the pattern replaces
 the QK-norm gains), nothing else. Full weights rather than a LoRA: the demo's self-attention holds 66K weights per
 layer (265K in all, a fifth of its 1.3M-weight transformer), few enough to train in full on a CPU, so a low-rank
 adapter would save nothing worth its extra code and merge step; full weights save with plain `save_pretrained`
-into a folder any `from_pretrained` reads, and CLEAR too trains the full attention projections. The trainable set is found through the same adapter `enable_sparse_attention`
-uses (`attention_sites`), so it is the set the pattern applies to on any supported model.
+into a folder any `from_pretrained` reads, and CLEAR too trains the full attention projections. The trainable set
+is found through the same adapter `enable_sparse_attention` uses (`attention_sites`), so it is the set the pattern
+applies to on any supported model. `train="all"` adds the cross-attention to the caption, which could carry what
+a local window no longer sees; on the demo model it did not help (README, Distillation).
+
+The loss is CLEAR's: the clean-clip MSE, plus with `attention_loss` its second term, each sparse self-attention
+output against the teacher's (CLEAR weighs it 0.5 on every 4th block of FLUX; here every layer, relative to the
+teacher's mean square so that the weight does not depend on the activations' scale).
 
 Gradients flow through the sparse attention itself: the student calls need a gradient, so backend "auto" routes
 them to a kernel that honours one (on CPU the gather path through autograd, whose cost falls with the density,
