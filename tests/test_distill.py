@@ -123,6 +123,33 @@ def test_sparse_noise_levels_are_the_samplers_after_the_dense_warm_up():
     assert torch.equal(levels, every[2:]) and levels.max() < every[0]
     with pytest.raises(ConfigError, match="noise_levels"):
         DistillSettings(noise_levels="late")
+    with pytest.raises(ConfigError, match="only with noise_levels='trajectory'"):
+        DistillSettings(student_states_every=100)
+
+
+def test_student_samples_are_the_students_own_states_with_the_teachers_targets():
+    """On-policy examples: the student's sampler states under its pattern, and the teacher's predictions there."""
+    from sparse_dit.demo.distill import _sampled, make_student, student_samples, training_config
+    from sparse_dit.patterns import resolve_config
+    from sparse_dit.plugin.api import runtime_of
+
+    teacher = load_demo_pipeline()
+    teacher.set_progress_bar_config(disable=True)
+    student = make_student(teacher)
+    config = resolve_config("window", window=(1, 3, 3), min_seq_len=0, block_size=16, dense_steps=1)
+    student.enable_sparse_attention(training_config(config))
+    settings = DistillSettings(num_frames=4, height=32, width=32, samples=2, sample_steps=3)
+    examples = student_samples(student, teacher, ["a red circle moving left", "a blue square staying still"], config,
+                               settings, torch.Generator().manual_seed(0))
+    assert examples.states.shape == (2, 2, *examples.clips.shape[1:]) and examples.targets.shape == examples.states.shape
+    t = examples.levels * 1000
+    torch.testing.assert_close(examples.targets[1], teacher.predict_clean(examples.states[1], t, examples.text[1:2].expand(2, -1, -1)))
+    assert runtime_of(student).config.dense_steps == 0  # the training config is back on
+    # The states are the student's own: after its dense first step the teacher's, after its sparse second not.
+    dense = _sampled(teacher, teacher, ["a red circle moving left", "a blue square staying still"], settings,
+                     torch.Generator().manual_seed(0), 4, 1)
+    torch.testing.assert_close(examples.states[:, 0], dense.states[:, 0])
+    assert not torch.allclose(examples.states[:, 1], dense.states[:, 1], atol=1e-3)
 
 
 def test_trajectory_examples_are_the_teachers_own_sampler_states():
@@ -155,10 +182,11 @@ def test_trajectory_examples_are_the_teachers_own_sampler_states():
     assert examples.states[:, 0].std().item() == pytest.approx(1.0, abs=0.2)
 
 
-@pytest.mark.parametrize("attention_loss", [0.0, 0.5])
-def test_distill_on_trajectory_states_lowers_the_loss(tmp_path, attention_loss):
+@pytest.mark.parametrize("attention_loss, student_states_every", [(0.0, 0), (0.5, 0), (0.0, 5)])
+def test_distill_on_trajectory_states_lowers_the_loss(tmp_path, attention_loss, student_states_every):
     settings = DistillSettings(steps=12, num_frames=4, height=32, width=32, samples=2, sample_steps=3, validation=2,
-                               checkpoint_every=0, lr=5e-4, noise_levels="trajectory", attention_loss=attention_loss)
+                               checkpoint_every=0, lr=5e-4, noise_levels="trajectory", attention_loss=attention_loss,
+                               student_states_every=student_states_every)
     record = distill(tmp_path, "window", {"window": (1, 3, 3), "min_seq_len": 0, "block_size": 16, "dense_steps": 1},
                      settings=settings)
     assert record["validation"][-1]["loss"] < record["validation"][0]["loss"]

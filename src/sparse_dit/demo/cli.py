@@ -91,7 +91,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                        width=args.width, samples=args.samples, sample_steps=args.sample_steps,
                                        validation=args.validation, lr=args.lr, checkpoint_every=args.checkpoint_every,
                                        seed=args.seed, noise_levels=args.noise_levels,
-                                       attention_loss=args.attention_loss, train=args.train))
+                                       attention_loss=args.attention_loss, train=args.train,
+                                       student_states_every=args.student_states_every))
     record = distill(Path(args.out), args.method, parse_key_values(args.config), teacher=args.teacher,
                      settings=settings, device=args.device)
     first, last = record["validation"][0]["loss"], record["validation"][-1]["loss"]
@@ -238,5 +239,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--train", choices=("self", "all"), default=None, metavar="WHICH",
                          help="which attention weights learn: self, the self-attention the pattern replaces; or all, "
                               "also the cross-attention to the caption (default: self)")
+    distill.add_argument("--student-states-every", type=int, default=None, metavar="STEPS",
+                         help="with --noise-levels trajectory: every STEPS steps the student regenerates the captions with "
+                              "its pattern on and its own sampler states, with the teacher's predictions there, become half "
+                              "the examples; 0 for the teacher's states alone (default: 0)")
     distill.add_argument("--device", default="cpu", help="torch device")
     distill.set_defaults(func=cmd_distill)

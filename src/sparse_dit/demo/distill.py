@@ -88,6 +88,10 @@ class DistillSettings:
             0 trains on the clean-clip prediction alone. It costs a teacher forward per step.
         train: "self", the self-attention modules the pattern replaces, or "all", also the cross-attention to the
             caption (the other attention modules of the transformer).
+        student_states_every: with noise_levels "trajectory", every this many steps the student generates the
+            training captions again with its pattern on, as at inference, and its own sampler states at the sparse
+            steps, with the teacher's predictions from them, become half of the examples (on-policy: the states
+            a student whose errors carry from step to step meets); 0 trains on the teacher's states alone.
     """
 
     steps: int = 400
@@ -104,6 +108,7 @@ class DistillSettings:
     noise_levels: str = "sparse"
     attention_loss: float = 0.0
     train: str = "self"
+    student_states_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
@@ -112,6 +117,9 @@ class DistillSettings:
         if self.validation < 0 or self.checkpoint_every < 0 or not self.lr > 0 or not self.attention_loss >= 0:
             raise ConfigError("validation, checkpoint_every and attention_loss must be >= 0 and lr > 0, got "
                               f"{self.validation}, {self.checkpoint_every}, {self.attention_loss}, {self.lr}")
+        if self.student_states_every < 0 or (self.student_states_every and self.noise_levels != "trajectory"):
+            raise ConfigError(f"student_states_every={self.student_states_every} must be >= 0, and above 0 only with "
+                              "noise_levels='trajectory' (the student's states replace sampler states)")
         if self.train not in ("self", "all"):
             raise ConfigError(f"train={self.train!r} must be 'self' or 'all'")
         if self.noise_levels not in NOISE_LEVELS:
@@ -130,6 +138,7 @@ class Examples:
     states: torch.Tensor | None = None
     levels: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    captions: list[str] | None = None
 
     def split(self, n: int) -> "Examples":
         """Keep the first `n` clips; return the others as their own `Examples`."""
@@ -137,10 +146,17 @@ class Examples:
             return None if x is None else x[:n] if keep else x[n:]
 
         rest = Examples(*(cut(x, False) for x in (self.clips, self.text, self.empty, self.states)), self.levels,
-                        cut(self.targets, False))
+                        cut(self.targets, False), None if self.captions is None else self.captions[n:])
         self.clips, self.text, self.empty, self.states, self.targets = (
             cut(x, True) for x in (self.clips, self.text, self.empty, self.states, self.targets))
+        self.captions = None if self.captions is None else self.captions[:n]
         return rest
+
+    def join(self, other: "Examples") -> "Examples":
+        """These examples and `other`'s (sampler states at the same levels) as one set."""
+        names = ("clips", "text", "empty", "states", "targets")
+        return Examples(**{name: torch.cat([getattr(self, name), getattr(other, name)]) for name in names},
+                        levels=self.levels)
 
 
 def attention_parameters(pipe: Any, scope: str = "self") -> dict[str, torch.nn.Parameter]:
@@ -202,6 +218,27 @@ def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen
     predictions from them: the targets come from the very transformer calls that made the clips, so training
     on them costs no teacher forward."""
     captions = [sample_spec(gen).caption for _ in range(settings.samples + extra)]
+    return _sampled(teacher, teacher, captions, settings, gen, chunk, keep_from)
+
+
+def student_samples(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: list[str],
+                    config: SparseAttentionConfig, settings: DistillSettings, gen: torch.Generator) -> Examples:
+    """The student's own clips from `captions` with `config` on as at inference (dense warm-up included), its
+    sampler states at the sparse steps, and the teacher's predictions from those states as targets."""
+    runtime = runtime_of(student).config
+    enable_sparse_attention(student, config)
+    student.transformer.eval()
+    try:
+        return _sampled(student, teacher, captions, settings, gen, 4, config.dense_step_count(settings.sample_steps))
+    finally:
+        enable_sparse_attention(student, runtime)
+
+
+@torch.no_grad()
+def _sampled(pipe: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: list[str], settings: DistillSettings,
+             gen: torch.Generator, chunk: int, keep_from: int | None) -> Examples:
+    """`pipe`'s clips from `captions`, with `keep_from` its sampler states from that step on and the teacher's
+    predictions from them (kept from the calls themselves where `pipe` is the teacher)."""
     clips, states, targets = [], [], []
 
     def keep(pipe: ShapesVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
@@ -214,27 +251,34 @@ def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen
         if calls[0] > keep_from:  # the captioned half comes first where guidance batches the empty caption after it
             targets[-1].append(output[0][: len(part)].float().clone())
 
-    hook = teacher.transformer.register_forward_hook(record) if keep_from is not None else None
+    hook = teacher.transformer.register_forward_hook(record) if keep_from is not None and pipe is teacher else None
     try:
-        for start in tqdm(range(0, len(captions), chunk), desc="teacher samples", unit="batch"):
+        desc = "teacher samples" if pipe is teacher else "student samples"
+        for start in tqdm(range(0, len(captions), chunk), desc=desc, unit="batch"):
             part = captions[start : start + chunk]
             seeds = [torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen))) for _ in part]
             states.append([]), targets.append([])
             calls = [0]
             if keep_from == 0:  # the first step's input is the noise itself, drawn as the pipeline draws it
-                states[-1].append(torch.cat([torch.randn(1, teacher.latent_channels, settings.num_frames, settings.height,
+                states[-1].append(torch.cat([torch.randn(1, pipe.latent_channels, settings.num_frames, settings.height,
                                                          settings.width, generator=torch.Generator().set_state(g.get_state())) for g in seeds]))
-            clips.append(teacher(part, num_frames=settings.num_frames, height=settings.height, width=settings.width,
-                                 num_inference_steps=settings.sample_steps, generator=seeds, output_type="latent",
-                                 callback_on_step_end=keep).frames)
+            clips.append(pipe(part, num_frames=settings.num_frames, height=settings.height, width=settings.width,
+                              num_inference_steps=settings.sample_steps, generator=seeds, output_type="latent",
+                              callback_on_step_end=keep).frames)
     finally:
         if hook is not None:
             hook.remove()
-    examples = Examples(torch.cat(clips), teacher.encode_prompt(captions), teacher.encode_prompt([""] * len(captions)))
+    examples = Examples(torch.cat(clips), teacher.encode_prompt(captions), teacher.encode_prompt([""] * len(captions)),
+                        captions=captions)
     if keep_from is not None:
         examples.states = torch.cat([torch.stack(part, dim=1) for part in states])
         examples.levels = sampler_levels(teacher, settings.sample_steps)[keep_from:]
-        examples.targets = torch.cat([torch.stack(part, dim=1) for part in targets])
+        if pipe is teacher:
+            examples.targets = torch.cat([torch.stack(part, dim=1) for part in targets])
+        else:  # one clip's states in one batch: (T, C, F, H, W) at the T levels
+            t = examples.levels * 1000
+            examples.targets = torch.stack([teacher.predict_clean(x, t, text.expand(len(t), -1, -1))
+                                            for x, text in zip(examples.states, examples.text.split(1))])
     return examples
 
 
@@ -355,7 +399,11 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     log, start = [], time.perf_counter()
     stage = f"{settings.num_frames}x{settings.height}x{settings.width}"
     bar = tqdm(range(1, settings.steps + 1), desc=f"distill {config.method}", unit="step")
+    teachers = examples
     for step in bar:
+        if settings.student_states_every and step > 1 and (step - 1) % settings.student_states_every == 0:
+            examples = teachers.join(student_samples(student, dense, teachers.captions, config, settings, gen))
+            runtime_of(student).stats.clear()  # the generation's calls are not training's
         student.transformer.train()
         loss = _train_step(student, dense, draw(examples, settings.batch, gen, levels), trained, optimiser,
                            settings.attention_loss)
@@ -450,4 +498,4 @@ def load_distilled(path: str | Path, **overrides: Any) -> ShapesVideoPipeline:
 
 
 __all__ = ["DistillSettings", "Examples", "attention_parameters", "distill", "load_distilled", "make_student",
-           "require_static", "sparse_noise_levels", "teacher_samples", "training_config"]
+           "require_static", "sparse_noise_levels", "student_samples", "teacher_samples", "training_config"]
