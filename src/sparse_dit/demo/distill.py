@@ -14,7 +14,12 @@ their transformer outputs (the predicted clean clip) on samples the teacher gene
    levels the dense warm-up covers; `"all"` draws them as the demo was trained (uniform, shifted towards noise).
    `"trajectory"` draws instead the very states the teacher's sampler passed through at those steps while it
    generated the clips: the inputs a student that tracks the teacher meets at inference, where the error of one
-   step carries into the next.
+   step carries into the next;
+3. with `student_states_every`, the student itself regenerates the captions every so many steps with its
+   pattern on, as at inference, and its own sampler states, with the teacher's predictions from them, become
+   half of the examples. A student trained on the teacher's states alone never sees the states its own errors
+   lead to, and on the demo model those errors add up step after step (scripts/sparse_sensitivity.py); this
+   was the first variant to beat random blocks there (README, Distillation).
 
 What is trained: every weight of the self-attention modules the pattern replaces (q, k, v and output projections,
 the QK-norm gains), nothing else. Full weights rather than a LoRA: the demo's self-attention holds 66K weights per
