@@ -125,6 +125,10 @@ def test_sparse_noise_levels_are_the_samplers_after_the_dense_warm_up():
         DistillSettings(noise_levels="late")
     with pytest.raises(ConfigError, match="only with noise_levels='trajectory'"):
         DistillSettings(student_states_every=100)
+    with pytest.raises(ConfigError, match="only with noise_levels='trajectory'"):
+        DistillSettings(rollout_steps=10)
+    with pytest.raises(ConfigError, match="rollout_lr"):
+        DistillSettings(noise_levels="trajectory", rollout_steps=10, rollout_lr=0.0)
 
 
 def test_student_samples_are_the_students_own_states_with_the_teachers_targets():
@@ -193,6 +197,40 @@ def test_distill_on_trajectory_states_lowers_the_loss(tmp_path, attention_loss, 
     assert all(0 < r["density"] < 0.6 for r in record["log"])
     # The attention term adds to the clean-clip MSE, which alone is under 0.01 here.
     assert (min(r["loss"] for r in record["log"]) > 0.01) == (attention_loss > 0)
+
+
+def test_a_rollout_of_the_dense_model_is_the_pipelines_own_run():
+    """The rollout loss trains what inference runs: from the state after the warm-up, `rollout` through the
+    sampler's remaining noise levels lands on the teacher's clip, and keeps a gradient for the student."""
+    from sparse_dit.demo.distill import make_student, rollout, sampler_sigmas, teacher_samples
+
+    teacher = load_demo_pipeline()
+    teacher.set_progress_bar_config(disable=True)
+    settings = DistillSettings(num_frames=2, height=16, width=16, samples=2, sample_steps=5)
+    examples = teacher_samples(teacher, settings, torch.Generator().manual_seed(0), chunk=2, keep_from=2)
+    sigmas = sampler_sigmas(teacher, 5)
+    assert sigmas.shape == (6,) and sigmas[-1] == 0 and torch.allclose(sigmas[:-1], examples.levels.new_tensor(
+        [*sigmas[:2], *examples.levels]), atol=1e-6)
+    with torch.no_grad():
+        done = rollout(teacher, examples.states[:, 0], examples.text, sigmas[2:])
+    torch.testing.assert_close(done, examples.clips, rtol=0, atol=1e-4)
+    student = make_student(teacher)
+    final = rollout(student, examples.states[:1, 0], examples.text[:1], sigmas[2:])
+    torch.nn.functional.mse_loss(final, examples.clips[:1]).backward()
+    grads = [p.grad for p in student.transformer.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_rollout_steps_lower_the_final_clip_error(tmp_path):
+    settings = DistillSettings(steps=4, num_frames=4, height=32, width=32, samples=2, sample_steps=3, validation=1,
+                               checkpoint_every=4, lr=5e-4, noise_levels="trajectory", rollout_steps=8, rollout_lr=1e-3)
+    record = distill(tmp_path, "window", {"window": (1, 3, 3), "min_seq_len": 0, "block_size": 16, "dense_steps": 1},
+                     settings=settings)
+    start, before, after = (r["loss"] for r in record["rollout_validation"])
+    assert after < before and after < start
+    assert [r["stage"] for r in record["log"]] == ["4x32x32"] * 4 + ["rollout 4x32x32"] * 8
+    assert all(0 < r["density"] < 0.6 for r in record["log"])
+    assert (tmp_path / "checkpoint-4").is_dir()  # the one-step phase's result, before the rollout
 
 
 def test_trajectory_validation_uses_a_held_out_clip():

@@ -92,11 +92,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                        validation=args.validation, lr=args.lr, checkpoint_every=args.checkpoint_every,
                                        seed=args.seed, noise_levels=args.noise_levels,
                                        attention_loss=args.attention_loss, train=args.train,
-                                       student_states_every=args.student_states_every))
+                                       student_states_every=args.student_states_every,
+                                       rollout_steps=args.rollout_steps, rollout_lr=args.rollout_lr))
     record = distill(Path(args.out), args.method, parse_key_values(args.config), teacher=args.teacher,
                      settings=settings, device=args.device)
     first, last = record["validation"][0]["loss"], record["validation"][-1]["loss"]
     loss = "" if first is None else f"; validation MSE against the dense teacher {first:.3g} -> {last:.3g}"
+    if record.get("rollout_validation"):
+        losses = " -> ".join(f"{r['loss']:.3g}" for r in record["rollout_validation"])
+        loss += f"; final-clip MSE of the held-out rollout {losses} (start, after --steps, after --rollout-steps)"
     print(f"distilled {settings.steps} steps onto {record['method']} (density {record['density']:.3f}) in "
           f"{record['total_seconds'] / 60:.1f} min{loss}; saved to {args.out} (load with "
           "sparse_dit.demo.distill.load_distilled)")
@@ -239,6 +243,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--train", choices=("self", "all"), default=None, metavar="WHICH",
                          help="which attention weights learn: self, the self-attention the pattern replaces; or all, "
                               "also the cross-attention to the caption (default: self)")
+    distill.add_argument("--rollout-steps", type=int, default=None, metavar="STEPS",
+                         help="with --noise-levels trajectory: STEPS more steps after --steps, each running the student's "
+                              "whole sparse sampling from the teacher's state after the dense warm-up and regressing its "
+                              "final clip onto the teacher's (default: 0)")
+    distill.add_argument("--rollout-lr", type=float, default=None, help="peak learning rate of the rollout steps (default: 0.0003)")
     distill.add_argument("--student-states-every", type=int, default=None, metavar="STEPS",
                          help="with --noise-levels trajectory: every STEPS steps the student regenerates the captions with "
                               "its pattern on and its own sampler states, with the teacher's predictions there, become half "

@@ -19,7 +19,13 @@ their transformer outputs (the predicted clean clip) on samples the teacher gene
    pattern on, as at inference, and its own sampler states, with the teacher's predictions from them, become
    half of the examples. A student trained on the teacher's states alone never sees the states its own errors
    lead to, and on the demo model those errors add up step after step (scripts/sparse_sensitivity.py); this
-   was the first variant to beat random blocks there (README, Distillation).
+   was the first variant to beat random blocks there (README, Distillation);
+4. with `rollout_steps`, a last phase trains on what is scored: from the state a teacher clip reached at the end
+   of the dense warm-up, the student runs every sparse sampler step with its pattern on and its final clip is
+   regressed onto the teacher's, the gradient flowing back through all the steps (`rollout`, checkpointed per
+   call). A one-step loss treats the steps' errors as independent; on the demo model they add up coherently, so
+   a student that only halves each step's error gains little, while one trained on the whole run can also learn
+   to have later steps undo earlier ones.
 
 What is trained: every weight of the self-attention modules the pattern replaces (q, k, v and output projections,
 the QK-norm gains), nothing else. Full weights rather than a LoRA: the demo's self-attention holds 66K weights per
@@ -54,6 +60,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from ..config import SparseAttentionConfig
@@ -97,6 +104,12 @@ class DistillSettings:
             training captions again with its pattern on, as at inference, and its own sampler states at the sparse
             steps, with the teacher's predictions from them, become half of the examples (on-policy: the states
             a student whose errors carry from step to step meets); 0 trains on the teacher's states alone.
+        rollout_steps: optimiser steps after the `steps` above with the rollout loss (needs noise_levels
+            "trajectory"): from the state one teacher clip reached at the end of the dense warm-up, the student runs
+            every sparse sampler step with its pattern on, as at inference, and its final clip is regressed onto
+            the teacher's. It trains what is scored, errors that add up from step to step included, at the cost of
+            one checkpointed forward and backward per sparse step (about 36 s a step at 32 x 64 x 64 on 2 cores).
+        rollout_lr: AdamW peak learning rate of the rollout steps, on their own warm-up and cosine decay.
     """
 
     steps: int = 400
@@ -114,6 +127,8 @@ class DistillSettings:
     attention_loss: float = 0.0
     train: str = "self"
     student_states_every: int = 0
+    rollout_steps: int = 0
+    rollout_lr: float = 3e-4
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
@@ -125,6 +140,10 @@ class DistillSettings:
         if self.student_states_every < 0 or (self.student_states_every and self.noise_levels != "trajectory"):
             raise ConfigError(f"student_states_every={self.student_states_every} must be >= 0, and above 0 only with "
                               "noise_levels='trajectory' (the student's states replace sampler states)")
+        if self.rollout_steps < 0 or (self.rollout_steps and self.noise_levels != "trajectory") or not self.rollout_lr > 0:
+            raise ConfigError(f"rollout_steps={self.rollout_steps} must be >= 0, and above 0 only with noise_levels="
+                              f"'trajectory' (a rollout starts from the teacher's state after the warm-up); "
+                              f"rollout_lr={self.rollout_lr} must be > 0")
         if self.train not in ("self", "all"):
             raise ConfigError(f"train={self.train!r} must be 'self' or 'all'")
         if self.noise_levels not in NOISE_LEVELS:
@@ -215,7 +234,6 @@ def training_config(config: SparseAttentionConfig) -> SparseAttentionConfig:
     return config.replace(dense_steps=0)
 
 
-@torch.no_grad()
 def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen: torch.Generator,
                     chunk: int = 4, keep_from: int | None = None, extra: int = 0) -> Examples:
     """`settings.samples` (+ `extra`) clips the dense teacher generates from random captions, as (clean) latents;
@@ -292,6 +310,14 @@ def sampler_levels(teacher: ShapesVideoPipeline, sample_steps: int) -> torch.Ten
     scheduler = copy.deepcopy(teacher.scheduler)
     scheduler.set_timesteps(sample_steps)
     return scheduler.timesteps.float().cpu() / 1000
+
+
+def sampler_sigmas(teacher: ShapesVideoPipeline, sample_steps: int) -> torch.Tensor:
+    """The noise levels a `sample_steps`-step run of the teacher's sampler steps through, its final one (0)
+    included: float (sample_steps + 1,)."""
+    scheduler = copy.deepcopy(teacher.scheduler)
+    scheduler.set_timesteps(sample_steps)
+    return scheduler.sigmas.float().cpu()
 
 
 def sparse_noise_levels(teacher: ShapesVideoPipeline, config: SparseAttentionConfig, sample_steps: int) -> torch.Tensor:
@@ -397,10 +423,10 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
                               "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student, settings.train)),
                               "validation": [{"step": 0, "loss": validation_loss(student, val)}]}
     trained = [p for p in attention_parameters(student, settings.train).values() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
-    warmup = max(1, settings.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min((i + 1) / warmup, 0.5 * (
-        1 + math.cos(math.pi * max(0, i + 1 - warmup) / max(1, settings.steps - warmup)))))
+    optimiser, schedule = _optimiser(trained, settings.lr, settings.steps)
+    sigmas = sampler_sigmas(dense, settings.sample_steps)[config.dense_step_count(settings.sample_steps):]
+    if settings.rollout_steps:
+        record["rollout_validation"] = [{"step": 0, "loss": rollout_loss(student, held_out, sigmas)}]
     log, start = [], time.perf_counter()
     stage = f"{settings.num_frames}x{settings.height}x{settings.width}"
     bar = tqdm(range(1, settings.steps + 1), desc=f"distill {config.method}", unit="step")
@@ -421,12 +447,82 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
             student.save_pretrained(out / f"checkpoint-{step}")
     bar.close()
     record["validation"].append({"step": settings.steps, "loss": validation_loss(student, val)})
+    if settings.rollout_steps:
+        if settings.checkpoint_every:  # the one-step phase's result, to compare the rollout phase's with
+            student.save_pretrained(out / f"checkpoint-{settings.steps}")
+        _rollout_phase(student, teachers, held_out, sigmas, trained, settings, gen, record, log, start)
     record |= {"seconds": time.perf_counter() - start, "total_seconds": time.perf_counter() - begin,
                "density": sum(r["density"] for r in log) / len(log), "log": log}
     student.save_pretrained(out)
     (out / RECORD).write_text(json.dumps(record, indent=1))
     (out / "loss_curve.svg").write_text(loss_curve_svg(log))
     return record
+
+
+def _optimiser(trained: list[torch.nn.Parameter], lr: float,
+               steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW at peak `lr`, with a linear warm-up over the first 10% of `steps` and a cosine decay to zero."""
+    optimiser = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: min((i + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * max(0, i + 1 - warmup) / max(1, steps - warmup)))))
+
+
+def rollout(pipe: ShapesVideoPipeline, latents: torch.Tensor, text: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The pipeline's Euler sampler run from `latents` (B, C, F, H, W) at noise level sigmas[0] down through
+    `sigmas` (n + 1,), n transformer calls under `text` (B, L, d), without guidance as the demo samples. Returns
+    the final latents (B, C, F, H, W). Where a gradient is on, each call is checkpointed: memory holds one call's
+    activations instead of n (at 32 x 64 x 64, 16 calls' would not fit in 24 GiB), for one more forward each."""
+    for sigma, after in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        t = torch.full((latents.shape[0],), sigma * 1000, device=latents.device)
+        if torch.is_grad_enabled():
+            v = torch.utils.checkpoint.checkpoint(pipe.velocity, latents, t, text, use_reentrant=False)
+        else:
+            v = pipe.velocity(latents, t, text)
+        latents = latents + (after - sigma) * v
+    return latents
+
+
+@torch.no_grad()
+def rollout_loss(student: ShapesVideoPipeline, examples: Examples, sigmas: torch.Tensor) -> float | None:
+    """Mean MSE of the student's final clips against the teacher's, each run from the teacher's state after the
+    dense warm-up (examples.states[:, 0]) through `sigmas` (None without examples). Its attention calls are left
+    out of the training's density."""
+    if examples.states is None or not len(examples.clips):
+        return None
+    student.transformer.eval()
+    losses = [torch.nn.functional.mse_loss(rollout(student, x[None, 0], text[None], sigmas), clip[None]).item()
+              for x, text, clip in zip(examples.states, examples.text, examples.clips)]
+    runtime_of(student).stats.clear()
+    return sum(losses) / len(losses)
+
+
+def _rollout_phase(student: ShapesVideoPipeline, examples: Examples, held_out: Examples, sigmas: torch.Tensor,
+                   trained: list[torch.nn.Parameter], settings: DistillSettings, gen: torch.Generator,
+                   record: dict[str, Any], log: list[dict], start: float) -> None:
+    """`settings.rollout_steps` optimiser steps on the rollout loss, one teacher clip each (under its caption:
+    the demo samples without guidance), appending to `log` and to record["rollout_validation"]."""
+    record["rollout_validation"].append({"step": settings.steps, "loss": rollout_loss(student, held_out, sigmas)})
+    optimiser, schedule = _optimiser(trained, settings.rollout_lr, settings.rollout_steps)
+    stage = f"rollout {settings.num_frames}x{settings.height}x{settings.width}"
+    bar = tqdm(range(1, settings.rollout_steps + 1), desc="rollout", unit="step")
+    for step in bar:
+        n = int(torch.randint(len(examples.clips), (1,), generator=gen))
+        student.transformer.train()
+        final = rollout(student, examples.states[n : n + 1, 0], examples.text[n : n + 1], sigmas)
+        loss = torch.nn.functional.mse_loss(final, examples.clips[n : n + 1])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimiser.step()
+        schedule.step()
+        density = sparse_density(student)
+        log.append({"step": settings.steps + step, "loss": loss.item(), "density": density, "stage": stage,
+                    "s": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{loss.item():.2e}", density=f"{density:.3f}")
+    bar.close()
+    record["rollout_validation"].append({"step": settings.steps + settings.rollout_steps,
+                                         "loss": rollout_loss(student, held_out, sigmas)})
 
 
 def _train_step(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, batch: tuple[torch.Tensor, ...],
