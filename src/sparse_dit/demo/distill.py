@@ -108,7 +108,8 @@ class DistillSettings:
             "trajectory"): from the state one teacher clip reached at the end of the dense warm-up, the student runs
             every sparse sampler step with its pattern on, as at inference, and its final clip is regressed onto
             the teacher's. It trains what is scored, errors that add up from step to step included, at the cost of
-            one checkpointed forward and backward per sparse step (about 36 s a step at 32 x 64 x 64 on 2 cores).
+            one checkpointed forward and backward per sparse step (about 36 s a step at 32 x 64 x 64 on 2 cores,
+            some 21 one-step steps).
         rollout_lr: AdamW peak learning rate of the rollout steps, on their own warm-up and cosine decay.
     """
 
