@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
             from diffusers.utils import export_to_video
 
             export_to_video(frames, f"{args.out}_{args.method}.mp4", fps=16)
+    # Neither process may tear the group down while the other's gloo threads still serve it: once in the test
+    # suite a process aborted at exit ("terminate called without an active exception") after a correct run.
+    dist.barrier()
     dist.destroy_process_group()
 
 
