@@ -306,19 +306,22 @@ def _sampled(pipe: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: 
     return examples
 
 
-def sampler_levels(teacher: ShapesVideoPipeline, sample_steps: int) -> torch.Tensor:
-    """The noise levels t in (0, 1] of the steps of a `sample_steps`-step run of the teacher's sampler: float (n,)."""
+def _sampler(teacher: ShapesVideoPipeline, sample_steps: int) -> Any:
+    """A copy of the teacher's scheduler set for a `sample_steps`-step run (the teacher's own stays untouched)."""
     scheduler = copy.deepcopy(teacher.scheduler)
     scheduler.set_timesteps(sample_steps)
-    return scheduler.timesteps.float().cpu() / 1000
+    return scheduler
+
+
+def sampler_levels(teacher: ShapesVideoPipeline, sample_steps: int) -> torch.Tensor:
+    """The noise levels t in (0, 1] of the steps of a `sample_steps`-step run of the teacher's sampler: float (n,)."""
+    return _sampler(teacher, sample_steps).timesteps.float().cpu() / 1000
 
 
 def sampler_sigmas(teacher: ShapesVideoPipeline, sample_steps: int) -> torch.Tensor:
     """The noise levels a `sample_steps`-step run of the teacher's sampler steps through, its final one (0)
     included: float (sample_steps + 1,)."""
-    scheduler = copy.deepcopy(teacher.scheduler)
-    scheduler.set_timesteps(sample_steps)
-    return scheduler.sigmas.float().cpu()
+    return _sampler(teacher, sample_steps).sigmas.float().cpu()
 
 
 def sparse_noise_levels(teacher: ShapesVideoPipeline, config: SparseAttentionConfig, sample_steps: int) -> torch.Tensor:
@@ -425,8 +428,8 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
                               "validation": [{"step": 0, "loss": validation_loss(student, val)}]}
     trained = [p for p in attention_parameters(student, settings.train).values() if p.requires_grad]
     optimiser, schedule = _optimiser(trained, settings.lr, settings.steps)
-    sigmas = sampler_sigmas(dense, settings.sample_steps)[config.dense_step_count(settings.sample_steps):]
     if settings.rollout_steps:
+        sigmas = sampler_sigmas(dense, settings.sample_steps)[config.dense_step_count(settings.sample_steps):]
         record["rollout_validation"] = [{"step": 0, "loss": rollout_loss(student, held_out, sigmas)}]
     log, start = [], time.perf_counter()
     stage = f"{settings.num_frames}x{settings.height}x{settings.width}"
@@ -511,16 +514,12 @@ def _rollout_phase(student: ShapesVideoPipeline, examples: Examples, held_out: E
         n = int(torch.randint(len(examples.clips), (1,), generator=gen))
         student.transformer.train()
         final = rollout(student, examples.states[n : n + 1, 0], examples.text[n : n + 1], sigmas)
-        loss = torch.nn.functional.mse_loss(final, examples.clips[n : n + 1])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimiser.step()
+        loss = _update(torch.nn.functional.mse_loss(final, examples.clips[n : n + 1]), trained, optimiser)
         schedule.step()
         density = sparse_density(student)
-        log.append({"step": settings.steps + step, "loss": loss.item(), "density": density, "stage": stage,
+        log.append({"step": settings.steps + step, "loss": loss, "density": density, "stage": stage,
                     "s": time.perf_counter() - start})
-        bar.set_postfix(loss=f"{loss.item():.2e}", density=f"{density:.3f}")
+        bar.set_postfix(loss=f"{loss:.2e}", density=f"{density:.3f}")
     bar.close()
     record["rollout_validation"].append({"step": settings.steps + settings.rollout_steps,
                                          "loss": rollout_loss(student, held_out, sigmas)})
@@ -542,6 +541,11 @@ def _train_step(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, batc
     if attention_loss:
         sites = [torch.nn.functional.mse_loss(a, b) / b.pow(2).mean() for a, b in zip(got, expected, strict=True)]
         loss = loss + attention_loss * torch.stack(sites).mean()
+    return _update(loss, trained, optimiser)
+
+
+def _update(loss: torch.Tensor, trained: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer) -> float:
+    """Back-propagate `loss`, clip the gradient norm of `trained` to 1 and step `optimiser`. Returns the loss."""
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trained, 1.0)
