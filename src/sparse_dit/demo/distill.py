@@ -264,6 +264,7 @@ def _sampled(pipe: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: 
     """`pipe`'s clips from `captions`, with `keep_from` its sampler states from that step on and the teacher's
     predictions from them (kept from the calls themselves where `pipe` is the teacher)."""
     clips, states, targets = [], [], []
+    chunk_state = {"size": 0, "calls": 0}  # the chunk being generated: its captions, its transformer calls so far
 
     def keep(pipe: ShapesVideoPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
         if keep_from is not None and keep_from <= i + 1 < settings.sample_steps:  # the input of step i + 1
@@ -271,9 +272,10 @@ def _sampled(pipe: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: 
         return tensors
 
     def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        calls[0] += 1  # one transformer call per sampler step
-        if calls[0] > keep_from:  # the captioned half comes first where guidance batches the empty caption after it
-            targets[-1].append(output[0][: len(part)].float().clone())
+        chunk_state["calls"] += 1  # one transformer call per sampler step
+        # The captioned half comes first where guidance batches the empty caption after it.
+        if chunk_state["calls"] > keep_from:
+            targets[-1].append(output[0][: chunk_state["size"]].float().clone())
 
     hook = teacher.transformer.register_forward_hook(record) if keep_from is not None and pipe is teacher else None
     try:
@@ -282,7 +284,7 @@ def _sampled(pipe: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: 
             part = captions[start : start + chunk]
             seeds = [torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen))) for _ in part]
             states.append([]), targets.append([])
-            calls = [0]
+            chunk_state.update(size=len(part), calls=0)
             if keep_from == 0:  # the first step's input is the noise itself, drawn as the pipeline draws it
                 states[-1].append(torch.cat([torch.randn(1, pipe.latent_channels, settings.num_frames, settings.height,
                                                          settings.width, generator=torch.Generator().set_state(g.get_state())) for g in seeds]))
