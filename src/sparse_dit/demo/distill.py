@@ -273,8 +273,8 @@ def _sampled(pipe: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: 
 
     def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
         chunk_state["calls"] += 1  # one transformer call per sampler step
-        # The captioned half comes first where guidance batches the empty caption after it.
         if chunk_state["calls"] > keep_from:
+            # The captioned half comes first where guidance batches the empty caption after it.
             targets[-1].append(output[0][: chunk_state["size"]].float().clone())
 
     hook = teacher.transformer.register_forward_hook(record) if keep_from is not None and pipe is teacher else None
