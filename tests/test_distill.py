@@ -108,7 +108,11 @@ def test_help_states_the_settings_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(DistillSettings)}
     for name, value in defaults.items():
         flag = "--" + name.replace("_", "-")
-        match = re.search(re.escape(flag) + r" [A-Z_]+ [^(]*\(default: ([^)]*)\)", text)
+        if isinstance(value, bool):  # --flag, --no-flag
+            flag, value = f"{flag}, --no-{flag[2:]}", "on" if value else "off"
+            match = re.search(re.escape(flag) + r" [^(]*\(default: ([^)]*)\)", text)
+        else:
+            match = re.search(re.escape(flag) + r" [A-Z_]+ [^(]*\(default: ([^)]*)\)", text)
         assert match and match.group(1) == str(value), (flag, value, match and match.group(1))
 
 
@@ -133,22 +137,20 @@ def test_sparse_noise_levels_are_the_samplers_after_the_dense_warm_up():
 
 def test_student_samples_are_the_students_own_states_with_the_teachers_targets():
     """On-policy examples: the student's sampler states under its pattern, and the teacher's predictions there."""
-    from sparse_dit.demo.distill import _sampled, make_student, student_samples, training_config
+    from sparse_dit.demo.distill import _sampled, make_student, student_samples
     from sparse_dit.patterns import resolve_config
-    from sparse_dit.plugin.api import runtime_of
 
     teacher = load_demo_pipeline()
     teacher.set_progress_bar_config(disable=True)
     student = make_student(teacher)
     config = resolve_config("window", window=(1, 3, 3), min_seq_len=0, block_size=16, dense_steps=1)
-    student.enable_sparse_attention(training_config(config))
+    student.enable_sparse_attention(config)
     settings = DistillSettings(num_frames=4, height=32, width=32, samples=2, sample_steps=3)
-    examples = student_samples(student, teacher, ["a red circle moving left", "a blue square staying still"], config,
-                               settings, torch.Generator().manual_seed(0))
+    examples = student_samples(student, teacher, ["a red circle moving left", "a blue square staying still"], settings,
+                               torch.Generator().manual_seed(0), keep_from=1)
     assert examples.states.shape == (2, 2, *examples.clips.shape[1:]) and examples.targets.shape == examples.states.shape
     t = examples.levels * 1000
     torch.testing.assert_close(examples.targets[1], teacher.predict_clean(examples.states[1], t, examples.text[1:2].expand(2, -1, -1)))
-    assert runtime_of(student).config.dense_steps == 0  # the training config is back on
     # The states are the student's own: after its dense first step the teacher's, after its sparse second not.
     dense = _sampled(teacher, teacher, ["a red circle moving left", "a blue square staying still"], settings,
                      torch.Generator().manual_seed(0), 4, 1)
@@ -186,15 +188,46 @@ def test_trajectory_examples_are_the_teachers_own_sampler_states():
     assert examples.states[:, 0].std().item() == pytest.approx(1.0, abs=0.2)
 
 
-@pytest.mark.parametrize("attention_loss, student_states_every", [(0.0, 0), (0.5, 0), (0.0, 5)])
-def test_distill_on_trajectory_states_lowers_the_loss(tmp_path, attention_loss, student_states_every):
+def test_training_calls_run_as_the_sampler_step_their_noise_level_falls_in():
+    """A training call at a noise level of the dense warm-up runs dense, exactly as the teacher; later ones sparse."""
+    from sparse_dit.demo.distill import as_sampled, make_student, sampler_step_index
+    from sparse_dit.plugin.api import runtime_of
+
+    teacher = load_demo_pipeline()
+    student = make_student(teacher)
+    student.enable_sparse_attention("window", window=(1, 3, 3), min_seq_len=0, block_size=16, dense_steps=2)
+    student.scheduler.set_timesteps(4)
+    timesteps = student.scheduler.timesteps
+    assert [sampler_step_index(student, float(t)) for t in timesteps] == [0, 1, 2, 3]
+    between = float(timesteps[1] + timesteps[2]) / 2
+    assert [sampler_step_index(student, t) for t in (1000.0, between, 0.0)] == [0, 1, 3]
+    t = timesteps.flip(0)  # rows 3 and 2 in the warm-up
+    x = torch.randn(4, student.latent_channels, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    text = teacher.encode_prompt(["a red circle moving left"] * 4)
+    stats, ran = runtime_of(student).stats, {}
+    with torch.no_grad():
+        for rows in as_sampled(student, t):
+            stats.clear()
+            got = student.predict_clean(x[rows], t[rows], text[rows])
+            ran[int(rows)] = stats.density(sparse_only=True)
+            if int(rows) >= 2:
+                torch.testing.assert_close(got, teacher.predict_clean(x[rows], t[rows], text[rows]), rtol=0, atol=0)
+    assert ran[3] is None and ran[2] is None and 0 < ran[1] < 0.6 and 0 < ran[0] < 0.6, ran
+    assert student._current_timestep is None
+
+
+@pytest.mark.parametrize("attention_loss, student_states_every, train_warmup",
+                         [(0.0, 0, True), (0.0, 0, False), (0.5, 0, True), (0.0, 5, True)])
+def test_distill_on_trajectory_states_lowers_the_loss(tmp_path, attention_loss, student_states_every, train_warmup):
     settings = DistillSettings(steps=12, num_frames=4, height=32, width=32, samples=2, sample_steps=3, validation=2,
                                checkpoint_every=0, lr=5e-4, noise_levels="trajectory", attention_loss=attention_loss,
-                               student_states_every=student_states_every)
+                               student_states_every=student_states_every, train_warmup=train_warmup)
     record = distill(tmp_path, "window", {"window": (1, 3, 3), "min_seq_len": 0, "block_size": 16, "dense_steps": 1},
                      settings=settings)
     assert record["validation"][-1]["loss"] < record["validation"][0]["loss"]
-    assert all(0 < r["density"] < 0.6 for r in record["log"])
+    densities = [r["density"] for r in record["log"]]
+    # The warm-up's step (one of the 3) trains dense; the others through the pattern.
+    assert (None in densities) == train_warmup and all(0 < d < 0.6 for d in densities if d is not None)
     # The attention term adds to the clean-clip MSE, which alone is under 0.01 here.
     assert (min(r["loss"] for r in record["log"]) > 0.01) == (attention_loss > 0)
 
@@ -229,7 +262,9 @@ def test_rollout_steps_lower_the_final_clip_error(tmp_path):
     start, before, after = (r["loss"] for r in record["rollout_validation"])
     assert after < before and after < start
     assert [r["stage"] for r in record["log"]] == ["4x32x32"] * 4 + ["rollout 4x32x32"] * 8
-    assert all(0 < r["density"] < 0.6 for r in record["log"])
+    # A rollout runs the sparse steps only; a one-step step in the warm-up trains dense.
+    assert all(0 < r["density"] < 0.6 for r in record["log"][4:])
+    assert all(r["density"] is None or 0 < r["density"] < 0.6 for r in record["log"][:4])
     assert (tmp_path / "checkpoint-4").is_dir()  # the one-step phase's result, before the rollout
 
 

@@ -93,7 +93,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                        seed=args.seed, noise_levels=args.noise_levels,
                                        attention_loss=args.attention_loss, train=args.train,
                                        student_states_every=args.student_states_every,
-                                       rollout_steps=args.rollout_steps, rollout_lr=args.rollout_lr))
+                                       rollout_steps=args.rollout_steps, rollout_lr=args.rollout_lr,
+                                       train_warmup=args.train_warmup))
     record = distill(Path(args.out), args.method, parse_key_values(args.config), teacher=args.teacher,
                      settings=settings, device=args.device)
     first, last = record["validation"][0]["loss"], record["validation"][-1]["loss"]
@@ -101,7 +102,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if record.get("rollout_validation"):
         losses = " -> ".join(f"{r['loss']:.3g}" for r in record["rollout_validation"])
         loss += f"; final-clip MSE of the held-out rollout {losses} (start, after --steps, after --rollout-steps)"
-    print(f"distilled {settings.steps} steps onto {record['method']} (density {record['density']:.3f}) in "
+    density = "every step dense" if record["density"] is None else f"density {record['density']:.3f}"
+    print(f"distilled {settings.steps} steps onto {record['method']} ({density} on its sparse steps) in "
           f"{record['total_seconds'] / 60:.1f} min{loss}; saved to {args.out} (load with "
           "sparse_dit.demo.distill.load_distilled)")
     return 0
@@ -252,5 +254,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          help="with --noise-levels trajectory: every STEPS steps the student regenerates the captions with "
                               "its pattern on and its own sampler states, with the teacher's predictions there, become half "
                               "the examples; 0 for the teacher's states alone (default: 0)")
+    distill.add_argument("--train-warmup", action=argparse.BooleanOptionalAction, default=None,
+                         help="with --noise-levels sparse or trajectory, also train the steps of the method's dense "
+                              "warm-up, run dense as at inference, since the fine-tuned weights run them too (default: "
+                              "on)")
     distill.add_argument("--device", default="cpu", help="torch device")
     distill.set_defaults(func=cmd_distill)

@@ -14,7 +14,10 @@ their transformer outputs (the predicted clean clip) on samples the teacher gene
    levels the dense warm-up covers; `"all"` draws them as the demo was trained (uniform, shifted towards noise).
    `"trajectory"` draws instead the very states the teacher's sampler passed through at those steps while it
    generated the clips: the inputs a student that tracks the teacher meets at inference, where the error of one
-   step carries into the next;
+   step carries into the next. With `train_warmup` (the default) the warm-up's levels are drawn too, and a call
+   there runs dense, as the sampler runs it (each training call runs as the sampler step its noise level falls
+   in, `sampler_step`): the fine-tuned weights also run the warm-up, where nothing else keeps them on the
+   teacher's path;
 3. with `student_states_every`, the student itself regenerates the captions every so many steps with its
    pattern on, as at inference, and its own sampler states, with the teacher's predictions from them, become
    half of the examples. A student trained on the teacher's states alone never sees the states its own errors
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -87,8 +91,8 @@ class DistillSettings:
             default 16 x 64 x 64 is 4096 tokens); distil at the resolution the pattern will run at.
         samples: clips the teacher generates to distil on.
         sample_steps: denoising steps of the teacher's generations.
-        validation: fixed held-out examples (clip, noise, t) the loss is also measured on, before training,
-            at every checkpoint and at the end.
+        validation: fixed held-out examples (clip, noise, t) at the steps the pattern runs, the loss is also
+            measured on before training, at every checkpoint and at the end.
         lr: AdamW peak learning rate: a linear warm-up over the first 10% of the steps, then a cosine decay to
             zero, so the last steps do not leave the weights where one noisy example pushed them.
         noise_levels: "sparse" (the sampler's noise levels at the steps the pattern runs), "all" (the demo's
@@ -111,6 +115,11 @@ class DistillSettings:
             one checkpointed forward and backward per sparse step (about 36 s a step at 32 x 64 x 64 on 2 cores,
             some 21 one-step steps).
         rollout_lr: AdamW peak learning rate of the rollout steps, on their own warm-up and cosine decay.
+        train_warmup: with noise_levels "sparse" or "trajectory", also train at the levels of the config's dense
+            warm-up, where the student runs dense as at inference: its fine-tuned weights run those steps too, and
+            a warm-up that drifts from the teacher's hands every sparse step a worse start (running the warm-up
+            on the teacher's weights instead gained 1.4 dB on a 32-frame student, README, Distillation). False
+            trains the sparse steps alone; "all" levels take in the warm-up's levels either way.
     """
 
     steps: int = 400
@@ -130,6 +139,7 @@ class DistillSettings:
     student_states_every: int = 0
     rollout_steps: int = 0
     rollout_lr: float = 3e-4
+    train_warmup: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
@@ -176,6 +186,14 @@ class Examples:
             cut(x, True) for x in (self.clips, self.text, self.empty, self.states, self.targets))
         self.captions = None if self.captions is None else self.captions[:n]
         return rest
+
+    def after(self, n: int) -> "Examples":
+        """The same clips with the first `n` of their sampler states (and targets, levels) left out."""
+        if self.states is None or not n:
+            return self
+        cut = lambda x: None if x is None else x[:, n:]  # noqa: E731
+        return Examples(self.clips, self.text, self.empty, cut(self.states), self.levels[n:], cut(self.targets),
+                        self.captions)
 
     def join(self, other: "Examples") -> "Examples":
         """These examples and `other`'s (sampler states at the same levels) as one set."""
@@ -229,10 +247,31 @@ def require_static(config: SparseAttentionConfig, settings: DistillSettings) -> 
                           f"distill.json can record them; got {_options(config)}") from None
 
 
-def training_config(config: SparseAttentionConfig) -> SparseAttentionConfig:
-    """The config the student trains under: `config` with every call sparse (dense_steps=0), since training calls
-    the transformer at random noise levels outside a denoising loop."""
-    return config.replace(dense_steps=0)
+def sampler_step_index(pipe: ShapesVideoPipeline, timestep: float) -> int:
+    """The step of `pipe`'s sampler run (its scheduler set for the run) whose noise interval holds `timestep`
+    (t * 1000): the last step at or above it, or the first step for a timestep above them all."""
+    return max(int((pipe.scheduler.timesteps >= timestep - 1e-3).sum()) - 1, 0)
+
+
+@contextlib.contextmanager
+def sampler_step(pipe: ShapesVideoPipeline, step: int) -> Iterator[None]:
+    """Run the block's transformer calls as step `step` of `pipe`'s sampler run: the hooks read the step from the
+    pipeline, as in its denoising loop, so a training call keeps the config's dense warm-up dense and runs the
+    pattern after it, as at inference."""
+    pipe._current_timestep = pipe.scheduler.timesteps[step]
+    try:
+        yield
+    finally:
+        pipe._current_timestep = None
+
+
+def as_sampled(pipe: ShapesVideoPipeline, t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Split a batch with timesteps `t` (B,) by the sampler step each falls in and run each part as that step:
+    yields the rows of each part, long (n,), inside its `sampler_step`."""
+    steps = torch.tensor([sampler_step_index(pipe, float(x)) for x in t])
+    for step in steps.unique().tolist():
+        with sampler_step(pipe, step):
+            yield (steps == step).nonzero().flatten()
 
 
 def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen: torch.Generator,
@@ -246,16 +285,11 @@ def teacher_samples(teacher: ShapesVideoPipeline, settings: DistillSettings, gen
 
 
 def student_samples(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, captions: list[str],
-                    config: SparseAttentionConfig, settings: DistillSettings, gen: torch.Generator) -> Examples:
-    """The student's own clips from `captions` with `config` on as at inference (dense warm-up included), its
-    sampler states at the sparse steps, and the teacher's predictions from those states as targets."""
-    runtime = runtime_of(student).config
-    enable_sparse_attention(student, config)
+                    settings: DistillSettings, gen: torch.Generator, keep_from: int) -> Examples:
+    """The student's own clips from `captions` with its pattern on as at inference (dense warm-up included), its
+    sampler states from step `keep_from` on, and the teacher's predictions from those states as targets."""
     student.transformer.eval()
-    try:
-        return _sampled(student, teacher, captions, settings, gen, 4, config.dense_step_count(settings.sample_steps))
-    finally:
-        enable_sparse_attention(student, runtime)
+    return _sampled(student, teacher, captions, settings, gen, 4, keep_from)
 
 
 @torch.no_grad()
@@ -362,18 +396,19 @@ def draw(examples: Examples, count: int, gen: torch.Generator,
     return xt, (t * 1000).to(x0.device), text, target
 
 
-def sparse_density(student: ShapesVideoPipeline) -> float:
-    """Density of the student's attention calls since the last call of this function (then cleared); raises if
-    none of them ran sparse, which would train the dense model, not the pattern."""
+def sparse_density(student: ShapesVideoPipeline, expect_sparse: bool = True) -> float | None:
+    """Density of the student's sparse attention calls since the last call of this function (then cleared), None
+    if none ran sparse; raises then if `expect_sparse` (some call lay after the dense warm-up), which would train
+    the dense model, not the pattern."""
     stats = runtime_of(student).stats
-    density, sparse = stats.density(), sum(e.sparse_calls for e in stats.entries.values())
+    density = stats.density(sparse_only=True)
     stats.clear()
-    if not sparse:
+    if density is None and expect_sparse:
         config = runtime_of(student).config
         raise SparseDiTError(
             f"no attention call of the student ran sparse (min_seq_len={config.min_seq_len}, dense_layers="
             f"{config.dense_layers}); distilling would train the dense model. Lower min_seq_len or raise the clip size")
-    return float(density)
+    return density
 
 
 @torch.no_grad()
@@ -381,7 +416,8 @@ def validation_loss(student: ShapesVideoPipeline, batches: list[tuple[torch.Tens
     """Mean MSE of the student's predictions against the teacher's on the fixed validation examples (None for
     none). Its attention calls are left out of the training's density."""
     student.transformer.eval()
-    losses = [torch.nn.functional.mse_loss(student.predict_clean(xt, t, text), target).item()
+    losses = [sum(torch.nn.functional.mse_loss(student.predict_clean(xt[rows], t[rows], text[rows]), target[rows],
+                                               reduction="sum").item() for rows in as_sampled(student, t)) / target.numel()
               for xt, t, text, target in batches]
     runtime_of(student).stats.clear()
     return sum(losses) / len(losses) if losses else None
@@ -414,40 +450,47 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     dense.set_progress_bar_config(disable=True)
     dense.transformer.requires_grad_(False)
     student = make_student(dense, settings.train)
-    enable_sparse_attention(student, training_config(config))
-    levels = sparse_noise_levels(dense, config, settings.sample_steps) if settings.noise_levels != "all" else None
-    trajectory = settings.noise_levels == "trajectory"
-    if levels is not None and not len(levels):
+    enable_sparse_attention(student, config)
+    # Training calls run as the sampler steps their noise levels fall in, so the warm-up's stay dense.
+    student.scheduler.set_timesteps(settings.sample_steps)
+    warmup = config.dense_step_count(settings.sample_steps)
+    if not len(sparse_noise_levels(dense, config, settings.sample_steps)) and settings.noise_levels != "all":
         raise ConfigError(f"dense_steps={config.dense_steps} leaves no sparse step in a {settings.sample_steps}-step run "
                           "to distil on; lower dense_steps or use noise_levels='all'")
-    examples = teacher_samples(dense, settings, gen, keep_from=config.dense_step_count(settings.sample_steps) if trajectory else None,
+    keep_from = 0 if settings.train_warmup else warmup  # the first sampler step trained on
+    levels = sampler_levels(dense, settings.sample_steps)[keep_from:] if settings.noise_levels != "all" else None
+    trajectory = settings.noise_levels == "trajectory"
+    examples = teacher_samples(dense, settings, gen, keep_from=keep_from if trajectory else None,
                                extra=1 if trajectory and settings.validation else 0)
     # Sampler states repeat exactly, so their validation examples come from a clip held out of training.
     held_out = examples.split(settings.samples) if trajectory and settings.validation else examples
-    val = [_with_target(dense, *draw(held_out, 1, gen, levels)) for _ in range(settings.validation)]
+    # Validation measures the student where its pattern runs (the warm-up starts out exact).
+    val_examples = held_out.after(warmup - keep_from)
+    val = [_with_target(dense, *draw(val_examples, 1, gen, None if levels is None else levels[warmup - keep_from:]))
+           for _ in range(settings.validation)]
     record: dict[str, Any] = {"method": config.method, "config": _options(config), "settings": asdict(settings),
                               "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student, settings.train)),
                               "validation": [{"step": 0, "loss": validation_loss(student, val)}]}
     trained = [p for p in attention_parameters(student, settings.train).values() if p.requires_grad]
     optimiser, schedule = _optimiser(trained, settings.lr, settings.steps)
     if settings.rollout_steps:
-        sigmas = sampler_sigmas(dense, settings.sample_steps)[config.dense_step_count(settings.sample_steps):]
-        record["rollout_validation"] = [{"step": 0, "loss": rollout_loss(student, held_out, sigmas)}]
+        sigmas = sampler_sigmas(dense, settings.sample_steps)[warmup:]
+        record["rollout_validation"] = [{"step": 0, "loss": rollout_loss(student, val_examples, sigmas)}]
     log, start = [], time.perf_counter()
     stage = f"{settings.num_frames}x{settings.height}x{settings.width}"
     bar = tqdm(range(1, settings.steps + 1), desc=f"distill {config.method}", unit="step")
     teachers = examples
     for step in bar:
         if settings.student_states_every and step > 1 and (step - 1) % settings.student_states_every == 0:
-            examples = teachers.join(student_samples(student, dense, teachers.captions, config, settings, gen))
+            examples = teachers.join(student_samples(student, dense, teachers.captions, settings, gen, keep_from))
             runtime_of(student).stats.clear()  # the generation's calls are not training's
         student.transformer.train()
-        loss = _train_step(student, dense, draw(examples, settings.batch, gen, levels), trained, optimiser,
-                           settings.attention_loss)
+        batch = draw(examples, settings.batch, gen, levels)
+        loss = _train_step(student, dense, batch, trained, optimiser, settings.attention_loss)
         schedule.step()
-        density = sparse_density(student)
+        density = sparse_density(student, any(sampler_step_index(student, float(t)) >= warmup for t in batch[1]))
         log.append({"step": step, "loss": loss, "density": density, "stage": stage, "s": time.perf_counter() - start})
-        bar.set_postfix(loss=f"{loss:.2e}", density=f"{density:.3f}")
+        bar.set_postfix(loss=f"{loss:.2e}", density="dense" if density is None else f"{density:.3f}")
         if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < settings.steps:
             record["validation"].append({"step": step, "loss": validation_loss(student, val)})
             student.save_pretrained(out / f"checkpoint-{step}")
@@ -456,9 +499,11 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     if settings.rollout_steps:
         if settings.checkpoint_every:  # the one-step phase's result, to compare the rollout phase's with
             student.save_pretrained(out / f"checkpoint-{settings.steps}")
-        _rollout_phase(student, teachers, held_out, sigmas, trained, settings, gen, record, log, start)
+        _rollout_phase(student, teachers.after(warmup - keep_from), val_examples, sigmas, trained, settings, gen, record,
+                       log, start)
+    densities = [r["density"] for r in log if r["density"] is not None]  # the steps that ran the pattern
     record |= {"seconds": time.perf_counter() - start, "total_seconds": time.perf_counter() - begin,
-               "density": sum(r["density"] for r in log) / len(log), "log": log}
+               "density": sum(densities) / len(densities) if densities else None, "log": log}
     student.save_pretrained(out)
     (out / RECORD).write_text(json.dumps(record, indent=1))
     (out / "loss_curve.svg").write_text(loss_curve_svg(log))
@@ -476,17 +521,25 @@ def _optimiser(trained: list[torch.nn.Parameter], lr: float,
 
 def rollout(pipe: ShapesVideoPipeline, latents: torch.Tensor, text: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """The pipeline's Euler sampler run from `latents` (B, C, F, H, W) at noise level sigmas[0] down through
-    `sigmas` (n + 1,), n transformer calls under `text` (B, L, d), without guidance as the demo samples. Returns
-    the final latents (B, C, F, H, W). Where a gradient is on, each call is checkpointed: memory holds one call's
-    activations instead of n (at 32 x 64 x 64, 16 calls' would not fit in 24 GiB), for one more forward each."""
+    `sigmas` (n + 1,), n transformer calls under `text` (B, L, d), without guidance as the demo samples, each call
+    as the step of the pipeline's scheduler (set for the run) at its level. Returns the final latents
+    (B, C, F, H, W). Where a gradient is on, each call is checkpointed: memory holds one call's activations
+    instead of n (at 32 x 64 x 64, 16 calls' would not fit in 24 GiB), for one more forward each."""
     for sigma, after in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         t = torch.full((latents.shape[0],), sigma * 1000, device=latents.device)
-        if torch.is_grad_enabled():
-            v = torch.utils.checkpoint.checkpoint(pipe.velocity, latents, t, text, use_reentrant=False)
-        else:
-            v = pipe.velocity(latents, t, text)
+        call = functools.partial(_velocity_at_step, pipe, sampler_step_index(pipe, sigma * 1000))
+        v = torch.utils.checkpoint.checkpoint(call, latents, t, text, use_reentrant=False) if torch.is_grad_enabled() \
+            else call(latents, t, text)
         latents = latents + (after - sigma) * v
     return latents
+
+
+def _velocity_at_step(pipe: ShapesVideoPipeline, step: int, latents: torch.Tensor, t: torch.Tensor,
+                      text: torch.Tensor) -> torch.Tensor:
+    """`pipe.velocity` as sampler step `step`; a checkpoint's recompute in the backward pass runs it as that step
+    again."""
+    with sampler_step(pipe, step):
+        return pipe.velocity(latents, t, text)
 
 
 @torch.no_grad()
@@ -532,17 +585,20 @@ def _train_step(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, batc
     """One optimiser step on (x_t, t, text, target or None) from `draw`: MSE of the sparse student's clean-clip
     prediction against the dense teacher's, plus `attention_loss` times the mean relative MSE of the self-attention
     outputs. Returns the loss."""
-    xt, t, text, target = batch
-    if attention_loss:
-        with torch.no_grad(), attention_outputs(teacher) as expected:
-            target = teacher.predict_clean(xt, t, text)
-    else:
-        xt, t, text, target = _with_target(teacher, *batch)
-    with attention_outputs(student) as got:
-        loss = torch.nn.functional.mse_loss(student.predict_clean(xt, t, text), target)
-    if attention_loss:
-        sites = [torch.nn.functional.mse_loss(a, b) / b.pow(2).mean() for a, b in zip(got, expected, strict=True)]
-        loss = loss + attention_loss * torch.stack(sites).mean()
+    xt, t, text, target = batch if attention_loss else _with_target(teacher, *batch)
+    loss = torch.zeros(())
+    for rows in as_sampled(student, t):  # one part per sampler step: dense in the warm-up, sparse after it
+        if attention_loss:
+            with torch.no_grad(), attention_outputs(teacher) as expected:
+                target_rows = teacher.predict_clean(xt[rows], t[rows], text[rows])
+        else:
+            target_rows = target[rows]
+        with attention_outputs(student) as got:
+            part = torch.nn.functional.mse_loss(student.predict_clean(xt[rows], t[rows], text[rows]), target_rows)
+        if attention_loss:
+            sites = [torch.nn.functional.mse_loss(a, b) / b.pow(2).mean() for a, b in zip(got, expected, strict=True)]
+            part = part + attention_loss * torch.stack(sites).mean()
+        loss = loss + part * len(rows) / len(t)
     return _update(loss, trained, optimiser)
 
 
@@ -606,4 +662,5 @@ def load_distilled(path: str | Path, **overrides: Any) -> ShapesVideoPipeline:
 
 
 __all__ = ["DistillSettings", "Examples", "attention_parameters", "distill", "load_distilled", "make_student",
-           "require_static", "sparse_noise_levels", "student_samples", "teacher_samples", "training_config"]
+           "require_static", "sampler_step", "sampler_step_index", "sparse_noise_levels", "student_samples",
+           "teacher_samples"]
