@@ -238,7 +238,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--noise-levels", choices=("sparse", "all", "trajectory"), default=None, metavar="LEVELS",
                          help="what to distil on: sparse, the teacher's clips noised to the sampler's levels at the steps "
                               "the pattern runs after the dense warm-up of --sample-steps; all, noised as the demo was "
-                              "trained; or trajectory, the teacher sampler's own states at those steps (default: sparse)")
+                              "trained; or trajectory, the teacher sampler's own states at those steps; sparse and "
+                              "trajectory take the warm-up's steps too unless --no-train-warmup (default: sparse)")
     distill.add_argument("--attention-loss", type=float, default=None, metavar="WEIGHT",
                          help="weight of CLEAR's second loss term, each self-attention output against the dense "
                               "teacher's as a relative MSE, mean over the layers; 0 for the clean-clip loss alone (default: 0.0)")

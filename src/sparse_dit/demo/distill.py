@@ -586,7 +586,7 @@ def _train_step(student: ShapesVideoPipeline, teacher: ShapesVideoPipeline, batc
     prediction against the dense teacher's, plus `attention_loss` times the mean relative MSE of the self-attention
     outputs. Returns the loss."""
     xt, t, text, target = batch if attention_loss else _with_target(teacher, *batch)
-    loss = torch.zeros(())
+    loss = xt.new_zeros(())
     for rows in as_sampled(student, t):  # one part per sampler step: dense in the warm-up, sparse after it
         if attention_loss:
             with torch.no_grad(), attention_outputs(teacher) as expected:
