@@ -239,7 +239,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          help="what to distil on: sparse, the teacher's clips noised to the sampler's levels at the steps "
                               "the pattern runs after the dense warm-up of --sample-steps; all, noised as the demo was "
                               "trained; or trajectory, the teacher sampler's own states at those steps; sparse and "
-                              "trajectory take the warm-up's steps too unless --no-train-warmup (default: sparse)")
+                              "trajectory take the warm-up's steps too with --train-warmup (default: sparse)")
     distill.add_argument("--attention-loss", type=float, default=None, metavar="WEIGHT",
                          help="weight of CLEAR's second loss term, each self-attention output against the dense "
                               "teacher's as a relative MSE, mean over the layers; 0 for the clean-clip loss alone (default: 0.0)")
@@ -258,6 +258,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--train-warmup", action=argparse.BooleanOptionalAction, default=None,
                          help="with --noise-levels sparse or trajectory, also train the steps of the method's dense "
                               "warm-up, run dense as at inference, since the fine-tuned weights run them too (default: "
-                              "on)")
+                              "off)")
     distill.add_argument("--device", default="cpu", help="torch device")
     distill.set_defaults(func=cmd_distill)

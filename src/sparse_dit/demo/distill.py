@@ -14,10 +14,10 @@ their transformer outputs (the predicted clean clip) on samples the teacher gene
    levels the dense warm-up covers; `"all"` draws them as the demo was trained (uniform, shifted towards noise).
    `"trajectory"` draws instead the very states the teacher's sampler passed through at those steps while it
    generated the clips: the inputs a student that tracks the teacher meets at inference, where the error of one
-   step carries into the next. With `train_warmup` (the default) the warm-up's levels are drawn too, and a call
-   there runs dense, as the sampler runs it (each training call runs as the sampler step its noise level falls
-   in, `sampler_step`): the fine-tuned weights also run the warm-up, where nothing else keeps them on the
-   teacher's path;
+   step carries into the next. Each training call runs as the sampler step its noise level falls in
+   (`sampler_step`), so a call in the config's dense warm-up runs dense, as the sampler runs it; with
+   `train_warmup` the warm-up's levels are drawn too, to keep the fine-tuned weights, which run the warm-up as
+   well, on the teacher's path there;
 3. with `student_states_every`, the student itself regenerates the captions every so many steps with its
    pattern on, as at inference, and its own sampler states, with the teacher's predictions from them, become
    half of the examples. A student trained on the teacher's states alone never sees the states its own errors
@@ -117,9 +117,9 @@ class DistillSettings:
         rollout_lr: AdamW peak learning rate of the rollout steps, on their own warm-up and cosine decay.
         train_warmup: with noise_levels "sparse" or "trajectory", also train at the levels of the config's dense
             warm-up, where the student runs dense as at inference: its fine-tuned weights run those steps too, and
-            a warm-up that drifts from the teacher's hands every sparse step a worse start (running the warm-up
-            on the teacher's weights instead gained 1.4 dB on a 32-frame student, README, Distillation). False
-            trains the sparse steps alone; "all" levels take in the warm-up's levels either way.
+            a warm-up that drifts from the teacher's hands every sparse step a worse start. On the demo model it
+            did not pay: the drift costs about 1 dB, training the warm-up removed little of it, and the sparse
+            steps lost more (README, Distillation). "all" levels take in the warm-up's levels either way.
     """
 
     steps: int = 400
@@ -139,7 +139,7 @@ class DistillSettings:
     student_states_every: int = 0
     rollout_steps: int = 0
     rollout_lr: float = 3e-4
-    train_warmup: bool = True
+    train_warmup: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "num_frames", "height", "width", "samples", "sample_steps"):
