@@ -454,10 +454,11 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     # Training calls run as the sampler steps their noise levels fall in, so the warm-up's stay dense.
     student.scheduler.set_timesteps(settings.sample_steps)
     warmup = config.dense_step_count(settings.sample_steps)
-    if not len(sparse_noise_levels(dense, config, settings.sample_steps)) and settings.noise_levels != "all":
+    if warmup >= len(student.scheduler.timesteps) and settings.noise_levels != "all":
         raise ConfigError(f"dense_steps={config.dense_steps} leaves no sparse step in a {settings.sample_steps}-step run "
                           "to distil on; lower dense_steps or use noise_levels='all'")
     keep_from = 0 if settings.train_warmup else warmup  # the first sampler step trained on
+    first_sparse = warmup - keep_from  # where the sparse steps start among the kept states and levels
     levels = sampler_levels(dense, settings.sample_steps)[keep_from:] if settings.noise_levels != "all" else None
     trajectory = settings.noise_levels == "trajectory"
     examples = teacher_samples(dense, settings, gen, keep_from=keep_from if trajectory else None,
@@ -465,8 +466,8 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     # Sampler states repeat exactly, so their validation examples come from a clip held out of training.
     held_out = examples.split(settings.samples) if trajectory and settings.validation else examples
     # Validation measures the student where its pattern runs (the warm-up starts out exact).
-    val_examples = held_out.after(warmup - keep_from)
-    val = [_with_target(dense, *draw(val_examples, 1, gen, None if levels is None else levels[warmup - keep_from:]))
+    val_examples = held_out.after(first_sparse)
+    val = [_with_target(dense, *draw(val_examples, 1, gen, None if levels is None else levels[first_sparse:]))
            for _ in range(settings.validation)]
     record: dict[str, Any] = {"method": config.method, "config": _options(config), "settings": asdict(settings),
                               "teacher": str(teacher or "demo"), "trained": sorted(attention_parameters(student, settings.train)),
@@ -499,7 +500,7 @@ def distill(out: str | Path, method: str, options: dict[str, Any] | None = None,
     if settings.rollout_steps:
         if settings.checkpoint_every:  # the one-step phase's result, to compare the rollout phase's with
             student.save_pretrained(out / f"checkpoint-{settings.steps}")
-        _rollout_phase(student, teachers.after(warmup - keep_from), val_examples, sigmas, trained, settings, gen, record,
+        _rollout_phase(student, teachers.after(first_sparse), val_examples, sigmas, trained, settings, gen, record,
                        log, start)
     densities = [r["density"] for r in log if r["density"] is not None]  # the steps that ran the pattern
     record |= {"seconds": time.perf_counter() - start, "total_seconds": time.perf_counter() - begin,
