@@ -76,6 +76,13 @@ def test_a_setting_where_nothing_runs_sparse_is_refused(tmp_path):
         distill(tmp_path, "window", {"window": 1}, settings=settings)  # min_seq_len 1024 > 16 tokens
 
 
+def test_a_warm_up_that_covers_every_step_is_refused(tmp_path):
+    settings = DistillSettings(steps=1, num_frames=2, height=32, width=32, samples=1, sample_steps=3, validation=0)
+    with pytest.raises(ConfigError, match="no sparse step"):
+        distill(tmp_path, "window", {"window": (1, 3, 3), "min_seq_len": 0, "block_size": 16, "dense_steps": 3},
+                settings=settings)
+
+
 def test_runs_without_validation_or_checkpoints(tmp_path):
     settings = DistillSettings(steps=2, num_frames=2, height=32, width=32, samples=1, sample_steps=1, validation=0,
                                checkpoint_every=0)
